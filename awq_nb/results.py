@@ -1,0 +1,112 @@
+"""What the AWQ search finds, as plain data.
+
+Search returns these records; applying them to a model is a separate step
+(:func:`awq_nb.apply_awq`), and plots only read them. All tensors are fp32 on the CPU, so a
+result can be saved with :meth:`AWQResult.save` and loaded in another session.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class ChannelStats:
+    """Per-input-channel activation statistics of one Linear over the calibration tokens.
+
+    ``mean_abs`` and ``max_abs`` are fp32 ``[K]`` (K = in_features); ``tokens`` is how many
+    tokens were seen.
+    """
+
+    mean_abs: torch.Tensor
+    max_abs: torch.Tensor
+    tokens: int
+
+
+@dataclass
+class ScaleRecord:
+    """The scale search of one scaling group in one decoder block.
+
+    ``prev`` absorbs ``1/scales`` (a norm or a Linear), ``layers`` are multiplied by ``scales``
+    along their input channels. ``losses[i]`` is the output MSE for ``alphas[i]``
+    (``inf`` where a candidate gave NaN/inf and was skipped); ``loss_fp`` is the MSE at alpha=0
+    (plain RTN), ``best_alpha`` the chosen one; ``scales`` is fp32 ``[K]``.
+    """
+
+    block: int
+    prev: str
+    layers: list[str]
+    inspect: str
+    alphas: list[float]
+    losses: list[float]
+    best_alpha: float
+    scales: torch.Tensor
+
+    @property
+    def loss_rtn(self) -> float:
+        return self.losses[self.alphas.index(0.0)] if 0.0 in self.alphas else float("nan")
+
+    @property
+    def best_loss(self) -> float:
+        return min(self.losses)
+
+
+@dataclass
+class ClipRecord:
+    """The clipping search of one Linear (names are relative to the model).
+
+    ``max_val`` is fp32 ``[N, K/g]``: weights of each group are clamped to ``[-max_val, max_val]``.
+    ``ratios`` holds the chosen shrink ratio per group (same shape); ``ratio_grid`` the candidates.
+    ``loss_before``/``loss_after`` are the summed output errors without and with clipping.
+    """
+
+    block: int
+    layer: str
+    max_val: torch.Tensor
+    ratios: torch.Tensor
+    ratio_grid: list[float]
+    loss_before: float
+    loss_after: float
+
+
+@dataclass
+class AWQResult:
+    """Everything one AWQ run found, keyed so that plots and ``apply_awq`` can use it."""
+
+    config: dict
+    model_name: str = ""
+    scales: list[ScaleRecord] = field(default_factory=list)
+    clips: list[ClipRecord] = field(default_factory=list)
+    saliency: dict[str, ChannelStats] = field(default_factory=dict)
+    # per quantized Linear (full name): output MSE on calibration tokens, RTN vs AWQ
+    layer_errors: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def save(self, path: str | Path) -> None:
+        torch.save(
+            {
+                "config": self.config,
+                "model_name": self.model_name,
+                "scales": [asdict(r) for r in self.scales],
+                "clips": [asdict(r) for r in self.clips],
+                "saliency": {k: asdict(v) for k, v in self.saliency.items()},
+                "layer_errors": self.layer_errors,
+                "seconds": self.seconds,
+            },
+            path,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AWQResult":
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(
+            config=d["config"],
+            model_name=d["model_name"],
+            scales=[ScaleRecord(**r) for r in d["scales"]],
+            clips=[ClipRecord(**r) for r in d["clips"]],
+            saliency={k: ChannelStats(**v) for k, v in d["saliency"].items()},
+            layer_errors=d["layer_errors"],
+            seconds=d["seconds"],
+        )
