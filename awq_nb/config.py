@@ -1,0 +1,64 @@
+"""The one validated config for an AWQ run. Every tunable lives here, never as a literal in a method."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .errors import AwqNbError
+from .quantizer import MAX_BITS, MIN_BITS
+
+GROUP_SIZES = (32, 64, 128, 256, -1)
+
+
+@dataclass
+class AWQConfig:
+    """Settings of one AWQ run.
+
+    Quantizer: ``w_bit`` bits (2-8), groups of ``group_size`` input channels (-1: per output
+    channel), asymmetric with a zero point unless ``zero_point=False``.
+
+    Scale search: ``n_grid`` values of alpha in [0, 1); per-channel scales
+    ``s = mean|x|^alpha`` (``duo_scaling``: ``mean|x|^alpha / mean|w|^(1-alpha)``), normalised so
+    that ``sqrt(max(s) * min(s)) = 1``. The loss is the fp32 MSE of the inspected module's output,
+    measured on the first ``search_samples`` calibration sequences.
+
+    Clipping search: for each group, shrink its max |w| by ratios from 1.0 down towards
+    ``1 - max_shrink`` in ``clip_grid`` steps, keep the ratio with the least output error over
+    all calibration tokens; ``clip_chunk`` output channels at a time bound the memory.
+
+    ``skip_indivisible``: keep Linears whose in_features is not a multiple of ``group_size`` in
+    floating point instead of raising an error.
+    """
+
+    w_bit: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+    n_grid: int = 20
+    duo_scaling: bool = False
+    search_samples: int = 16
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    clip_chunk: int = 256
+    block_chunk: int = 8  # calibration sequences per forward through a block
+    skip_indivisible: bool = False
+    modules_to_not_convert: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not isinstance(self.w_bit, int) or not MIN_BITS <= self.w_bit <= MAX_BITS:
+            raise AwqNbError(f"w_bit={self.w_bit!r} is not supported: choose an integer from {MIN_BITS} to {MAX_BITS}.")
+        if self.group_size not in GROUP_SIZES:
+            raise AwqNbError(f"group_size={self.group_size!r} is not supported: choose one of {GROUP_SIZES} (-1 = per-channel).")
+        for name in ("n_grid", "search_samples", "clip_grid", "clip_chunk", "block_chunk"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise AwqNbError(f"{name}={v!r} must be a positive integer.")
+        if not 0.0 < self.max_shrink < 1.0:
+            raise AwqNbError(f"max_shrink={self.max_shrink!r} must lie in (0, 1): clipping keeps at least 1 - max_shrink of the max.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def tag(self) -> str:
+        """Short name such as ``w4g128`` (``w4g-1`` per-channel, ``w4g128s`` symmetric)."""
+        return f"w{self.w_bit}g{self.group_size}{'' if self.zero_point else 's'}"
