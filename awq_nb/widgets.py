@@ -105,63 +105,35 @@ def settings_from_values(values: dict) -> RunSettings:
 
 # -- the default runner: FP vs RTN vs AWQ --------------------------------------------------------
 
-def _fake_quantize(model, names, config: AWQConfig) -> None:
-    """Round the weights of the named Linears in place (RTN when no AWQ scales were applied)."""
-    import torch
-
-    from .quantizer import pseudo_quantize
-
-    with torch.no_grad():
-        for name in names:
-            w = model.get_submodule(name).weight
-            w.copy_(pseudo_quantize(w, config.w_bit, config.group_size, config.zero_point))
-
-
-def estimated_size_bytes(model, quantized: set[str], config: AWQConfig | None) -> int:
-    """Bytes on disk: quantized Linear weights at ``w_bit`` plus an fp16 scale (and a
-    ``w_bit`` zero) per group; every other tensor at 16 bits. ``config=None``: all at 16 bits."""
-    total = 0
-    for name, p in model.named_parameters():
-        module = name.rsplit(".", 1)[0]
-        if config is not None and name.endswith(".weight") and module in quantized:
-            n, k = p.shape
-            groups = n * (1 if config.group_size == -1 else k // config.group_size)
-            total += p.numel() * config.w_bit // 8 + groups * (2 + (config.w_bit / 8 if config.zero_point else 0))
-        else:
-            total += p.numel() * 2
-    return int(total)
-
-
 def run_pipeline(settings: RunSettings, progress: Progress) -> RunOutcome:
     """Load the model, measure FP perplexity, quantize with AWQ (and a RTN copy), measure both."""
     import torch
 
-    from . import calibration_blocks, load_model, quantize
-    from .evaluate import perplexity
+    from . import calibration_blocks, fake_quantize, load_model, quantize
+    from .evaluate import model_size_bytes, perplexity
 
-    steps, t0 = 5, time.perf_counter()
+    steps, t0, cfg = 5, time.perf_counter(), settings.config
     progress(0, steps, f"loading {settings.model}")
     model, tok = load_model(settings.model, dtype=torch.float32, device=settings.device)
     progress(1, steps, f"calibration text: {settings.n_samples} x {settings.seqlen} tokens")
     blocks = calibration_blocks(tok, source=settings.calib, n_samples=settings.n_samples, seqlen=settings.seqlen)
     ppl = dict(data=settings.eval_data, seqlen=settings.eval_seqlen, max_windows=settings.eval_windows)
     progress(2, steps, "perplexity of the floating-point model")
-    rows = [{"method": "FP", "perplexity": perplexity(model, tok, **ppl)["perplexity"],
-             "size_bytes": estimated_size_bytes(model, set(), None)}]
+    rows = [{"method": "FP32", "perplexity": perplexity(model, tok, **ppl)["perplexity"],
+             "size_bytes": model_size_bytes(model)}]
     rtn = copy.deepcopy(model)
-    result = quantize(model, tok, settings.config, calib=blocks, progress=progress)
-    names = set(result.layer_errors)
+    result = quantize(model, tok, cfg, calib=blocks, progress=progress)  # search + apply + round
+    keep = result.config.get("modules_to_not_convert", [])
+    size = model_size_bytes(model, cfg.w_bit, cfg.group_size, cfg.zero_point, keep=tuple(keep))
     progress(3, steps, "perplexity of RTN (round-to-nearest, no scaling)")
-    _fake_quantize(rtn, names, settings.config)
-    tag = settings.config.tag
-    rows.append({"method": f"RTN {tag}", "perplexity": perplexity(rtn, tok, **ppl)["perplexity"],
-                 "size_bytes": estimated_size_bytes(rtn, names, settings.config)})
+    fake_quantize(rtn, cfg, keep=keep)
+    rows.append({"method": f"RTN {cfg.tag}", "perplexity": perplexity(rtn, tok, **ppl)["perplexity"], "size_bytes": size})
     del rtn
     progress(4, steps, "perplexity of AWQ")
-    rows.append({"method": f"AWQ {tag}", "perplexity": perplexity(model, tok, **ppl)["perplexity"],
-                 "size_bytes": estimated_size_bytes(model, names, settings.config)})
+    rows.append({"method": f"AWQ {cfg.tag}", "perplexity": perplexity(model, tok, **ppl)["perplexity"], "size_bytes": size})
     progress(steps, steps, f"done in {time.perf_counter() - t0:.0f} s")
-    return RunOutcome(rows=rows, result=result, model=model, tokenizer=tok)
+    notes = [f"kept in floating point: {', '.join(keep)}."] if keep else []
+    return RunOutcome(rows=rows, result=result, model=model, tokenizer=tok, notes=notes)
 
 
 def default_figures(outcome: RunOutcome) -> list:

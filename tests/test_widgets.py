@@ -198,34 +198,41 @@ def test_default_figures_on_synthetic_result():
 
 
 def test_run_pipeline_plumbing_with_a_fake_engine(monkeypatch):
-    model = nn.Sequential(nn.Embedding(10, 64), nn.Linear(64, 64), nn.Linear(64, 64))
+    model = nn.Sequential(nn.Embedding(10, 64), nn.Linear(64, 64))
     calls = []
 
     def quantize(m, tok, config, calib, progress):
         progress(1, 2, "block 0")
-        calls.append(("quantize", config.tag, tuple(calib.shape)))
-        return AWQResult(config=config.to_dict(), layer_errors={"1": {"rtn": 2.0, "awq": 1.0}})
+        calls.append(("quantize", m is model, config.tag, tuple(calib.shape)))
+        return AWQResult(config=dict(config.to_dict(), modules_to_not_convert=["lm_head"]))
+
+    def fake_quantize(m, config, keep):
+        calls.append(("rtn", m is model, keep))
 
     def perplexity(m, tok, data, seqlen, max_windows):
-        calls.append(("ppl", data, seqlen, max_windows))
-        return {"perplexity": 10.0 + len(calls), "windows": max_windows, "tokens": seqlen * max_windows}
+        calls.append(("ppl", m is model, data, seqlen, max_windows))
+        return {"perplexity": float(len(calls)), "windows": max_windows, "tokens": seqlen * max_windows}
 
-    monkeypatch.setattr(awq_nb, "load_model", lambda name, dtype, device: (model, "tok"), raising=False)
+    def model_size_bytes(m, w_bit=None, group_size=128, zero_point=True, keep=()):
+        return 1000 if w_bit is None else w_bit * 10 + len(keep)
+
+    monkeypatch.setattr(awq_nb, "load_model", lambda name, dtype, device: (model, "tok"))
     monkeypatch.setattr(awq_nb, "calibration_blocks",
-                        lambda tok, source, n_samples, seqlen: torch.zeros(n_samples, seqlen, dtype=torch.long),
-                        raising=False)
-    monkeypatch.setattr(awq_nb, "quantize", quantize, raising=False)
-    monkeypatch.setitem(sys.modules, "awq_nb.evaluate", types.SimpleNamespace(perplexity=perplexity))
-    before = model[1].weight.detach().clone()
+                        lambda tok, source, n_samples, seqlen: torch.zeros(n_samples, seqlen, dtype=torch.long))
+    monkeypatch.setattr(awq_nb, "quantize", quantize)
+    monkeypatch.setattr(awq_nb, "fake_quantize", fake_quantize)
+    monkeypatch.setitem(sys.modules, "awq_nb.evaluate",
+                        types.SimpleNamespace(perplexity=perplexity, model_size_bytes=model_size_bytes))
     steps = []
     settings = widgets.settings_from_values(widgets.default_values({"AWQ_NB_FAST": "1"}))
     out = widgets.run_pipeline(settings, lambda d, t, desc: steps.append((d, t)))
-    assert [r["method"] for r in out.rows] == ["FP", "RTN w4g64", "AWQ w4g64"]
-    assert calls[1] == ("quantize", "w4g64", (8, 128)) and calls[0] == ("ppl", "sotu", 256, 4)
-    assert (1, 2) in steps and steps[-1] == (5, 5)
-    assert out.rows[0]["size_bytes"] == (640 + 2 * (64 * 64 + 64)) * 2
-    assert out.rows[2]["size_bytes"] == 640 * 2 + 64 * 64 // 2 + 64 * (2 + 0.5) + 64 * 2 + (64 * 64 + 64) * 2
-    assert torch.equal(model[1].weight, before)  # the fake quantize left the AWQ model alone; RTN used a copy
+    assert calls == [("ppl", True, "sotu", 256, 4), ("quantize", True, "w4g64", (8, 128)),
+                     ("rtn", False, ["lm_head"]), ("ppl", False, "sotu", 256, 4), ("ppl", True, "sotu", 256, 4)]
+    assert out.rows == [{"method": "FP32", "perplexity": 1.0, "size_bytes": 1000},
+                        {"method": "RTN w4g64", "perplexity": 4.0, "size_bytes": 41},
+                        {"method": "AWQ w4g64", "perplexity": 5.0, "size_bytes": 41}]
+    assert (1, 2) in steps and steps[-1] == (5, 5) and out.model is model
+    assert out.notes == ["kept in floating point: lm_head."]
 
 
 def test_missing_ipywidgets_is_a_clear_error(monkeypatch):
