@@ -351,5 +351,6 @@ def results_table(rows: list[dict], columns: list[str] | None = None, caption: s
     body = "".join(
         "<tr>" + "".join(f"<td style='padding:2px 10px'>{html.escape(_cell(c, r.get(c)))}</td>" for c in columns) + "</tr>"
         for r in rows)
-    cap = f"<caption style='text-align:left'>{html.escape(caption)}</caption>" if caption else ""
-    return HTMLText(f"<table class='awq-nb-results'>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    cap = f"<div style='font-size:90%;opacity:0.75'>{html.escape(caption)}</div>" if caption else ""
+    return HTMLText(f"<div>{cap}<table class='awq-nb-results'><thead><tr>{head}</tr></thead>"
+                    f"<tbody>{body}</tbody></table></div>")

@@ -209,9 +209,10 @@ class AWQApp:
         options = [(f"{n} (bundled, offline)", n) for n in bundled] + [(n, n) for n in HUB_MODELS]
         known = [v for _, v in options]
         self.model = w.Dropdown(options=options, value=d["model"] if d["model"] in known else known[0],
-                                description="Model", style=wide)
+                                description="Model", style=wide, layout=w.Layout(width="460px"))
         self.model_text = w.Text(value="" if d["model"] in known else d["model"], description="or hub id / path",
-                                 placeholder="e.g. Qwen/Qwen2.5-0.5B or /content/my-model", style=wide)
+                                 placeholder="e.g. Qwen/Qwen2.5-0.5B or /content/my-model", style=wide,
+                                 layout=w.Layout(width="460px"))
         self.w_bit = w.Dropdown(options=[2, 3, 4, 5, 6, 8], value=d["w_bit"], description="Bits", style=wide)
         self.group_size = w.Dropdown(options=[(str(g) if g > 0 else "per-channel", g) for g in GROUP_SIZES],
                                      value=d["group_size"], description="Group size", style=wide)
@@ -229,7 +230,8 @@ class AWQApp:
         self.run_button = w.Button(description="Run", button_style="primary", icon="play")
         self.bar = w.IntProgress(value=0, min=0, max=1, description="", layout=w.Layout(width="300px"))
         self.stage = w.Label(value="")
-        self.out_dir = w.Text(value="", description="Save to", placeholder="folder", style=wide)
+        self.out_dir = w.Text(value="", description="Save to", placeholder="folder", style=wide,
+                              layout=w.Layout(width="460px"))
         self.save_button = w.Button(description="Save", icon="save", disabled=True)
         self.message = w.HTML(value="")
         self.table = w.HTML(value="")
@@ -246,6 +248,7 @@ class AWQApp:
             controls, w.HBox([self.run_button, self.bar, self.stage]),
             w.HBox([self.out_dir, self.save_button]), self.output,
         ])
+        self.widget.add_class("awq-nb-app")  # a handle for browser tests and custom CSS
 
     def _ipython_display_(self):
         from IPython.display import display
@@ -265,10 +268,11 @@ class AWQApp:
         """The callback handed to the runner (and through it to the engine)."""
         self.bar.max = max(int(total), 1)
         self.bar.value = min(max(int(done), 0), self.bar.max)
-        self.stage.value = f"{desc}  {done}/{total}" if desc else f"{done}/{total}"
+        self.stage.value = f"{desc} ({done}/{total})" if desc else f"{done}/{total}"
 
     def _show_error(self, text: str, detail: str = "") -> None:
         more = f"<details><summary>traceback</summary><pre>{html.escape(detail)}</pre></details>" if detail else ""
+        self.bar.bar_style = "danger"
         self.message.value = (f"<div class='awq-nb-error' style='color:#b00020'><b>Error:</b> "
                               f"{html.escape(text)}</div>{more}")
 
@@ -281,7 +285,7 @@ class AWQApp:
         """Validate, run, show the table and plots; on error show it and stay usable."""
         self.outcome = None
         self._busy(True)
-        self.message.value, self.table.value, self.plots.children = "", "", ()
+        self.message.value, self.table.value, self.plots.children, self.bar.bar_style = "", "", (), ""
         self.progress(0, 1, "starting")
         from .viz import results_table
 
@@ -295,7 +299,9 @@ class AWQApp:
                 f"{settings.eval_windows} x {settings.eval_seqlen} tokens"))
             self.outcome = outcome
             w = _ipywidgets()
-            self.plots.children = tuple(w.Image(value=_png(f), format="png") for f in self.plotter(outcome))
+            self.plots.children = tuple(w.Image(value=_png(f), format="png", width=str(int(f.get_figwidth() * FIGURE_DPI)))
+                                        for f in self.plotter(outcome))
+            self.bar.bar_style = "success"
             self.message.value = html.escape(f"Done in {time.perf_counter() - t0:.0f} s. " + " ".join(outcome.notes))
             if not self.out_dir.value:
                 self.out_dir.value = f"awq-{settings.model.rstrip('/').split('/')[-1]}-{settings.config.tag}"

@@ -87,8 +87,8 @@ def test_run_with_fake_runner_shows_table_and_plots_and_drives_progress():
     from matplotlib.figure import Figure
     app = _app(runner=runner, plotter=lambda outcome: [Figure(figsize=(2, 1)), Figure(figsize=(2, 1))])
     out = app.run()
-    assert seen == [(0, 3, "searching block  0/3", True), (1, 3, "searching block  1/3", True),
-                    (2, 3, "searching block  2/3", True)]
+    assert seen == [(0, 3, "searching block (0/3)", True), (1, 3, "searching block (1/3)", True),
+                    (2, 3, "searching block (2/3)", True)]
     assert (app.bar.value, app.bar.max) == (3, 3)
     assert out is app.outcome and out.rows == ROWS
     assert "awq-nb-results" in app.table.value and "AWQ w4g64" in app.table.value and "13.75" in app.table.value
