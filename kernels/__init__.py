@@ -2,5 +2,39 @@
 
 This folder is mapped to ``awq_nb.kernels`` by pyproject.toml; it is never a top-level
 ``kernels`` package (that name belongs to a PyPI package that transformers probes for).
-Nothing heavy is imported here, so probing this folder by accident costs nothing.
+Nothing heavy is imported here: the names below load their module on first access, and triton
+is imported only by the Triton kernel modules (``dequant``, ``gemm``, ``gemv``, ``common``).
+
+Stable API::
+
+    awq_matmul(x, qweight, qzeros, scales, group_size, bias=None, *, cpu_weight=None)  # dispatch
+    choose_kernel(m, device, has_cpu_weight=False) -> str
+    awq_dequantize(qweight, qzeros, scales, group_size) -> W^T [K, N]   # Triton
+    awq_gemm(x, qweight, qzeros, scales, group_size, bias=None)        # Triton, any M
+    awq_gemv(x, qweight, qzeros, scales, group_size, bias=None)        # Triton, M <= 8
+    dequantize_ref(...), gemm_ref(...)                                 # torch references
+    prepare_cpu_int4(...) -> CpuInt4Weight, matmul_int4_cpu(x, w, bias=None)
+    AWQ_ORDER, AWQ_REVERSE_ORDER, pack_awq(values), unpack_awq(packed)
 """
+import importlib
+
+_EXPORTS = {
+    "awq_matmul": "dispatch", "choose_kernel": "dispatch",
+    "awq_dequantize": "dequant", "awq_gemm": "gemm", "awq_gemv": "gemv",
+    "dequantize_ref": "reference", "gemm_ref": "reference",
+    "CpuInt4Weight": "cpu", "prepare_cpu_int4": "cpu", "matmul_int4_cpu": "cpu", "int4_cpu_supported": "cpu",
+    "GEMV_MAX_M": "dispatch", "GEMM_MAX_M": "dispatch",
+    "AWQ_ORDER": "layout", "AWQ_REVERSE_ORDER": "layout", "pack_awq": "layout", "unpack_awq": "layout",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -13,8 +13,19 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
 from awq_nb.errors import AwqNbError  # noqa: E402
+from awq_nb.kernels import dispatch  # noqa: E402
+from awq_nb.kernels.cpu import dequantize_cpu, prepare_cpu_int4  # noqa: E402
 from awq_nb.kernels.layout import AWQ_ORDER, AWQ_REVERSE_ORDER, pack_awq, unpack_awq  # noqa: E402
+from awq_nb.kernels.reference import dequantize_ref, gemm_ref  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+# Unit roundoff of each activation dtype: |out - ref| is bounded in multiples of it.
+EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,3 +73,288 @@ def test_pack_errors_name_the_problem():
         pack_awq(torch.zeros(1, 8))
     with pytest.raises(AwqNbError, match="int32"):
         unpack_awq(torch.zeros(1, 1, dtype=torch.int64))
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def random_awq(k, n, group_size, dtype=torch.float16, seed=0, device=DEVICE):
+    """Random codes and zeros over the full 0..15 range (so nibble 7 sets the sign bit) and
+    positive scales; returns (qweight, qzeros, scales, codes [K, N], zeros [K/g, N])."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (k, n), generator=g, dtype=torch.int32)
+    zeros = torch.randint(0, 16, (k // group_size, n), generator=g, dtype=torch.int32)
+    scales = (torch.rand(k // group_size, n, generator=g) * 0.02 + 0.005).to(dtype)
+    return pack_awq(codes).to(device), pack_awq(zeros).to(device), scales.to(device), codes, zeros
+
+
+def random_x(m, k, dtype, seed=1, device=DEVICE):
+    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype).to(device)
+
+
+def error_bound(x, w_t, ref, dtype, extra_w=None):
+    """Elementwise bound ``eps * (|x| @ |W^T|) + 2 * eps * |ref|`` with eps the unit roundoff of
+    ``dtype``: rounding of the dequantized weights (and activations) accumulates over K, and the
+    result is rounded once more. ``extra_w`` adds per-weight slack (e.g. rounded int4 zeros)."""
+    w_abs = w_t.float().abs() if extra_w is None else w_t.float().abs() + extra_w
+    return EPS[dtype] * (x.float().abs() @ w_abs) + 2 * EPS[dtype] * ref.float().abs()
+
+
+def assert_within(out, ref, bound):
+    err = (out.float() - ref.float()).abs()
+    worst = (err - bound).max().item()
+    assert worst <= 0, f"max error {err.max().item():.3g} exceeds its bound by {worst:.3g}"
+
+
+def check_against_ref(fn, m, k, n, group_size, dtype, with_bias, seed=0):
+    qweight, qzeros, scales, _, _ = random_awq(k, n, group_size, dtype, seed)
+    x = random_x(m, k, dtype, seed + 1)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(seed + 2)).to(dtype).to(DEVICE) if with_bias else None
+    out = fn(x, qweight, qzeros, scales, group_size, bias)
+    ref = gemm_ref(x, qweight, qzeros, scales, group_size, bias)
+    assert out.shape == (m, n) and out.dtype == dtype
+    w_t = dequantize_ref(qweight, qzeros, scales, group_size)
+    assert_within(out, ref, error_bound(x, w_t, ref, dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# references
+
+
+def test_dequantize_ref_hand_worked_example():
+    # K = 2 rows, N = 8 columns, one group (g = 2). Row 0 codes 0..7, row 1 codes 8..15; zeros
+    # are 8 for every column; scales are 0.5 for column j < 4 and 2 for j >= 4.
+    codes = torch.tensor([list(range(8)), list(range(8, 16))], dtype=torch.int32)
+    qweight = torch.tensor([[0x75316420], [0xFDB9ECA8 - 2**32]], dtype=torch.int32)
+    assert torch.equal(pack_awq(codes), qweight)
+    qzeros = torch.tensor([[0x88888888 - 2**32]], dtype=torch.int32)
+    scales = torch.tensor([[0.5] * 4 + [2.0] * 4], dtype=torch.float16)
+    w_t = dequantize_ref(qweight, qzeros, scales, group_size=2)
+    expected = [[-4.0, -3.5, -3.0, -2.5, -8.0, -6.0, -4.0, -2.0],
+                [0.0, 0.5, 1.0, 1.5, 8.0, 10.0, 12.0, 14.0]]
+    assert w_t.dtype == torch.float16 and w_t.tolist() == expected
+    x = torch.tensor([[1.0, 2.0]], dtype=torch.float32)
+    bias = torch.arange(8, dtype=torch.float32)
+    assert gemm_ref(x, qweight, qzeros, scales, 2, bias).tolist() == [[-4.0, -1.5, 1.0, 3.5, 12.0, 19.0, 26.0, 33.0]]
+
+
+def test_dequantize_ref_groups_follow_rows():
+    qweight, qzeros, scales, codes, zeros = random_awq(96, 24, 32, torch.float32, device="cpu")
+    w_t = dequantize_ref(qweight, qzeros, scales, 32)
+    for k in (0, 31, 32, 95):
+        expected = (codes[k] - zeros[k // 32]).float() * scales[k // 32]
+        assert torch.equal(w_t[k], expected)
+
+
+def test_error_bound_catches_a_wrong_nibble_order():
+    # The bound used below is tight enough to fail for a kernel that ignored the AWQ order.
+    qweight, qzeros, scales, codes, zeros = random_awq(128, 64, 64, device="cpu")
+    x = random_x(3, 128, torch.float16, device="cpu")
+    ref = gemm_ref(x, qweight, qzeros, scales, 64)
+    natural = codes.reshape(128, 8, 8)[:, :, list(AWQ_ORDER)].reshape(128, 64)  # misread columns
+    wrong_t = ((natural - zeros.repeat_interleave(64, 0)).float() * scales.float().repeat_interleave(64, 0))
+    wrong = (x.float() @ wrong_t).half()
+    with pytest.raises(AssertionError):
+        assert_within(wrong, ref, error_bound(x, dequantize_ref(qweight, qzeros, scales, 64), ref, torch.float16))
+
+
+def test_input_errors_name_the_fix():
+    qweight, qzeros, scales, _, _ = random_awq(128, 64, 64, device="cpu")
+    x = random_x(2, 128, torch.float16, device="cpu")
+    with pytest.raises(AwqNbError, match="qweight must be int32"):
+        gemm_ref(x, qweight.float(), qzeros, scales, 64)
+    with pytest.raises(AwqNbError, match="group_size=48 does not divide"):
+        gemm_ref(x, qweight, qzeros, scales, 48)
+    with pytest.raises(AwqNbError, match="scales has shape"):
+        gemm_ref(x, qweight, qzeros, scales, 32)
+    with pytest.raises(AwqNbError, match="expects K=128"):
+        gemm_ref(x[:, :64], qweight, qzeros, scales, 64)
+    with pytest.raises(AwqNbError, match="scales must be float16"):
+        dequantize_ref(qweight, qzeros, scales.to(torch.int32), 64)
+    with pytest.raises(AwqNbError, match="bias must have shape"):
+        gemm_ref(x, qweight, qzeros, scales, 64, torch.zeros(8))
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels (interpreter on CPU, compiled on a GPU). Shapes: N = 200 or 72 is not a multiple
+# of BLOCK_N; K = 160, 320, 384 are not multiples of BLOCK_K = 128 (interpreter configs); g = 32
+# and 64 make a K-block span several groups (gather branch), g = 128 takes the one-group branch.
+
+SHAPES = {32: (160, 200), 64: (320, 72), 128: (384, 200)}  # group_size -> (K, N)
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_dequantize_matches_reference(group_size, dtype):
+    from awq_nb.kernels.dequant import awq_dequantize
+
+    k, n = SHAPES[group_size]
+    qweight, qzeros, scales, _, _ = random_awq(k, n, group_size, dtype)
+    out = awq_dequantize(qweight, qzeros, scales, group_size)
+    ref = dequantize_ref(qweight, qzeros, scales, group_size)
+    assert out.shape == (k, n) and out.dtype == dtype
+    if dtype == torch.bfloat16 and not ON_GPU:
+        # The interpreter (triton 3.9) truncates fp32 -> bf16 instead of rounding to nearest
+        # even, so allow one bf16 ulp there; compiled kernels round like torch and match exactly.
+        assert_within(out, ref, 2 * EPS[dtype] * ref.float().abs())
+    else:
+        assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("m", [1, 3, 17, 64, 80])
+def test_triton_gemm_matches_reference(m, group_size, dtype, with_bias):
+    from awq_nb.kernels.gemm import awq_gemm
+
+    k, n = SHAPES[group_size]
+    check_against_ref(awq_gemm, m, k, n, group_size, dtype, with_bias, seed=m)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_triton_gemv_matches_reference(m, group_size, dtype, with_bias):
+    from awq_nb.kernels.gemv import awq_gemv
+
+    k, n = SHAPES[group_size]
+    check_against_ref(awq_gemv, m, k, n, group_size, dtype, with_bias, seed=m)
+
+
+@pytest.mark.skipif(ON_GPU, reason="swaps the interpreter's single config to reach the other split-K branch")
+@pytest.mark.parametrize("module_name, split_k", [("gemm", 1), ("gemv", 3)])
+def test_triton_other_split_k_branch(monkeypatch, module_name, split_k):
+    # The interpreter configs use SPLIT_K=2 (GEMM, atomics) and SPLIT_K=1 (GEMV, direct store);
+    # this runs the opposite branch of each, including a split that does not divide the K-blocks.
+    import importlib
+
+    import triton
+
+    from awq_nb.kernels.common import zero_workspace_if_split
+
+    module = importlib.import_module(f"awq_nb.kernels.{module_name}")
+    (base,) = module.configs(True)
+    swapped = (triton.Config({**base.kwargs, "SPLIT_K": split_k}, num_warps=base.num_warps,
+                             num_stages=base.num_stages, pre_hook=zero_workspace_if_split),)
+    monkeypatch.setattr(module, "configs", lambda interpret: swapped)
+    fn = getattr(module, f"awq_{module_name}")
+    for dtype, with_bias in ((torch.float16, True), (torch.bfloat16, False)):
+        check_against_ref(fn, 3, 384, 200, 128, dtype, with_bias)
+
+
+def test_triton_wrappers_reject_bad_inputs(monkeypatch):
+    from awq_nb.kernels.gemm import awq_gemm
+    from awq_nb.kernels.gemv import awq_gemv
+
+    qweight, qzeros, scales, _, _ = random_awq(128, 64, 64)
+    with pytest.raises(AwqNbError, match="1..8 rows"):
+        awq_gemv(random_x(9, 128, torch.float16), qweight, qzeros, scales, 64)
+    with pytest.raises(AwqNbError, match="float16 or bfloat16"):
+        awq_gemm(random_x(2, 128, torch.float32), qweight, qzeros, scales, 64)
+    with pytest.raises(AwqNbError, match="qzeros has shape"):
+        awq_gemm(random_x(2, 128, torch.float16), qweight, qzeros[:1], scales, 64)
+    if not ON_GPU:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(AwqNbError, match="need CUDA tensors"):
+            awq_gemm(random_x(2, 128, torch.float16), qweight, qzeros, scales, 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch and CPU paths
+
+
+def test_dispatch_thresholds():
+    assert dispatch.choose_kernel(1, "cpu") == dispatch.CPU_DEQUANT_MATMUL
+    assert dispatch.choose_kernel(4096, "cpu", has_cpu_weight=True) == dispatch.CPU_INT4
+    assert 1 <= dispatch.GEMV_MAX_M < dispatch.GEMM_MAX_M
+    if ON_GPU:
+        from awq_nb.kernels.gemv import MAX_ROWS
+
+        assert dispatch.GEMV_MAX_M <= MAX_ROWS
+        assert dispatch.choose_kernel(1, "cuda") == dispatch.GEMV
+        assert dispatch.choose_kernel(dispatch.GEMM_MAX_M + 1, "cuda") == dispatch.DEQUANT_MATMUL
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 17])
+def test_awq_matmul_matches_reference(m, dtype):
+    # On CPU: the stateless dequantize + addmm path; on a GPU: the Triton kernel for m.
+    qweight, qzeros, scales, _, _ = random_awq(256, 72, 64, torch.float16)
+    x = random_x(m, 256, dtype)
+    bias = torch.randn(72, generator=torch.Generator().manual_seed(5)).to(dtype).to(DEVICE)
+    out = dispatch.awq_matmul(x, qweight, qzeros, scales, 64, bias)
+    ref = gemm_ref(x, qweight, qzeros, scales, 64, bias)
+    w_t = dequantize_ref(qweight, qzeros, scales, 64)
+    # The dequantized weight is fp16 in the reference: allow its rounding as well as x.dtype's.
+    slack = EPS[torch.float16] * w_t.float().abs()
+    assert out.dtype == dtype
+    assert_within(out, ref, error_bound(x, w_t, ref, dtype, extra_w=slack / EPS[dtype]))
+
+
+def test_awq_matmul_keeps_leading_dims():
+    qweight, qzeros, scales, _, _ = random_awq(128, 32, 32)
+    x = torch.randn(2, 3, 128).half().to(DEVICE)
+    out = dispatch.awq_matmul(x, qweight, qzeros, scales, 32)
+    assert out.shape == (2, 3, 32)
+    ref = gemm_ref(x.reshape(6, 128), qweight, qzeros, scales, 32).reshape(2, 3, 32)
+    assert_within(out, ref, error_bound(x.reshape(6, 128), dequantize_ref(qweight, qzeros, scales, 32),
+                                        ref.reshape(6, 32), torch.float16).reshape(2, 3, 32))
+
+
+def test_dequantize_cpu_equals_reference_before_rounding():
+    qweight, qzeros, scales, _, _ = random_awq(320, 72, 64, torch.float16, device="cpu")
+    fast = dequantize_cpu(qweight, qzeros, scales, 64)
+    assert fast.dtype == torch.float32
+    assert torch.equal(fast.half(), dequantize_ref(qweight, qzeros, scales, 64))
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_cpu_int4_mapping_is_exact_in_float32(group_size):
+    # w = (q - z) * s == (q - 8) * s + (8 - z) * s: with fp32 scales the torch int4 kernel must
+    # agree with the reference to fp32 rounding.
+    qweight, qzeros, scales, _, _ = random_awq(256, 48, group_size, torch.float32, device="cpu")
+    x = random_x(5, 256, torch.float32, device="cpu")
+    bias = torch.randn(48)
+    cpu_weight = prepare_cpu_int4(qweight, qzeros, scales, group_size, dtype=torch.float32)
+    out = dispatch.awq_matmul(x, qweight, qzeros, scales, group_size, bias, cpu_weight=cpu_weight)
+    ref = gemm_ref(x, qweight, qzeros, scales, group_size, bias)
+    w_t = dequantize_ref(qweight, qzeros, scales, group_size)
+    assert_within(out, ref, 64 * error_bound(x, w_t, ref, torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cpu_int4_bf16_within_bf16_rounding(dtype):
+    # bf16 rounds s and (8 - z) * s: each weight moves by at most eps_bf16 * (|w| + 16 * s) beyond
+    # what rounding x to bf16 and the output costs.
+    qweight, qzeros, scales, _, _ = random_awq(256, 48, 64, torch.float16, device="cpu")
+    x = random_x(3, 256, dtype, device="cpu")
+    cpu_weight = prepare_cpu_int4(qweight, qzeros, scales, 64)
+    out = dispatch.awq_matmul(x, qweight, qzeros, scales, 64, cpu_weight=cpu_weight)
+    ref = gemm_ref(x, qweight, qzeros, scales, 64)
+    w_t = dequantize_ref(qweight, qzeros, scales, 64)
+    slack = 16 * scales.float().repeat_interleave(64, 0) + w_t.float().abs()
+    bound = error_bound(x, w_t, ref, torch.bfloat16, extra_w=slack)
+    assert out.dtype == dtype
+    assert_within(out, ref, bound)
+
+
+def test_cpu_int4_rejects_unsupported_layers():
+    qweight, qzeros, scales, _, _ = random_awq(128, 24, 64, device="cpu")
+    with pytest.raises(AwqNbError, match="out_features % 16"):
+        prepare_cpu_int4(qweight, qzeros, scales, 64)
+    qweight, qzeros, scales, _, _ = random_awq(128, 32, 64, device="cpu")
+    cpu_weight = prepare_cpu_int4(qweight, qzeros, scales, 64)
+    q2, z2, s2, _, _ = random_awq(128, 32, 32, device="cpu")
+    with pytest.raises(AwqNbError, match="prepare it from this layer"):
+        dispatch.awq_matmul(random_x(1, 128, torch.float16, device="cpu"), q2, z2, s2, 32, cpu_weight=cpu_weight)
+
+
+def test_package_import_does_not_import_triton():
+    code = ("import sys, awq_nb.kernels as k; k.awq_matmul; k.gemm_ref; k.AWQ_ORDER; "
+            "assert 'triton' not in sys.modules, 'triton imported'")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)

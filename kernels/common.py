@@ -1,0 +1,136 @@
+"""Pieces shared by the Triton kernels: the in-register AWQ dequantization and launch helpers.
+
+Loading one weight tile
+-----------------------
+A kernel that needs ``W^T[k, n]`` for ``k`` in ``offs_k`` (BLOCK_K rows) and ``n`` in ``offs_n``
+(BLOCK_N columns) reads three tensors (``g = GROUP_SIZE``):
+
+* ``qweight [K, N/8]``: column ``n`` lives in word ``n // 8`` of row ``k``, so the pointer tile is
+  ``qweight_ptr + offs_k[:, None] * stride_qk + (offs_n // 8)[None, :]``. Eight neighbouring
+  columns read the same word; on a GPU those lanes are served by one memory transaction, so the
+  redundant addresses cost instructions, not bandwidth (gemlite does the same).
+* ``qzeros [K/g, N/8]`` and ``scales [K/g, N]``: row ``k // g``. When ``g`` is a multiple of
+  BLOCK_K (and the tile starts on a multiple of BLOCK_K) the whole tile sits in one group, so one
+  row ``[1, BLOCK_N]`` is loaded and broadcast; otherwise the row index is gathered per ``k``.
+
+The nibble holding column ``n`` is ``AWQ_REVERSE_ORDER[n % 8] = (j // 2) + 4 * (j % 2)`` with
+``j = n % 8`` (``0,4,1,5,2,6,3,7``), so its shift is 4 times that. ``>>`` on int32 is arithmetic
+(the top nibble drags the sign along), hence the ``& 0xF`` after shifting.
+
+Dequantization is ``(q - z) * s`` in float32, rounded once to the dtype of ``scales``: the same
+rounding as :func:`awq_nb.kernels.reference.dequantize_ref`.
+
+Split-K output protocol (GEMM and GEMV)
+---------------------------------------
+With ``SPLIT_K == 1`` a program owns its output tile: it adds the bias and stores ``x.dtype``
+into ``out``. With ``SPLIT_K > 1`` several programs add float32 partial sums into a workspace
+with ``tl.atomic_add``; the config's ``pre_hook`` zeroes that workspace before every launch
+(also during autotuning), and the wrapper finishes with ``(workspace + bias).to(x.dtype)``.
+Which of the two happened is read from the autotuner's ``best_config`` after the launch.
+
+Configs
+-------
+Under the interpreter (``TRITON_INTERPRET=1``) ``@triton.autotune`` works with exactly one
+config, so every kernel module has ``configs(interpret: bool)`` (a plain, cached function) and its
+wrapper launches ``_tuned(configs(is_interpreting()))``: the flag is read at call time, and one
+autotuner is built per tuple of candidates. Nothing probes the device at import.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from awq_nb.errors import AwqNbError
+
+_TRUE = ("1", "true", "on", "yes")
+
+
+def is_interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in _TRUE
+
+
+def check_launchable(t: torch.Tensor, kernel: str) -> None:
+    """Compiled Triton kernels need a GPU tensor; the interpreter needs a CPU one."""
+    if is_interpreting():
+        if t.device.type != "cpu":
+            raise AwqNbError(f"{kernel}: TRITON_INTERPRET=1 runs kernels on CPU tensors, got {t.device}; "
+                             "unset TRITON_INTERPRET to run on the GPU.")
+    elif t.device.type != "cuda":
+        raise AwqNbError(f"{kernel}: compiled Triton kernels need CUDA tensors, got {t.device}; use "
+                         "awq_nb.kernels.awq_matmul (it has a CPU path), or set TRITON_INTERPRET=1 "
+                         "before importing triton to run the kernel in the interpreter.")
+
+
+def dot_dtype(x_dtype: torch.dtype) -> tl.dtype:
+    """Operand dtype for ``tl.dot``: fp16 for fp16 (no sm80-only feature), bf16 for bf16 on a GPU.
+
+    The interpreter's bf16 ``tl.dot`` returns garbage (triton issue 11584), and casting bf16
+    activations to fp16 could overflow, so under the interpreter bf16 operands go through fp32.
+    """
+    if x_dtype == torch.float16:
+        return tl.float16
+    if x_dtype == torch.bfloat16:
+        return tl.float32 if is_interpreting() else tl.bfloat16
+    raise AwqNbError(f"Triton INT4 kernels take float16 or bfloat16 activations, got {x_dtype}; "
+                     "cast x (awq_matmul does this for float32).")
+
+
+def zero_workspace_if_split(nargs: dict) -> None:
+    """Config pre_hook: split-K programs accumulate into ``ws_ptr`` with atomics, so zero it first."""
+    if nargs["SPLIT_K"] > 1:
+        nargs["ws_ptr"].zero_()
+
+
+def finish_split_k(split_k: int, out: torch.Tensor, workspace: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Return the result after a launch: ``out`` as stored, or the reduced workspace (+ bias)."""
+    if split_k == 1:
+        return out
+    if bias is not None:
+        workspace += bias.float()
+    return workspace.to(out.dtype)
+
+
+@triton.jit
+def awq_shifts(offs_n):
+    """Right-shift that brings column ``n``'s nibble to the bottom: 4 * AWQ_REVERSE_ORDER[n % 8]."""
+    j = offs_n % 8
+    return ((j // 2) + (j % 2) * 4) * 4
+
+
+@triton.jit
+def dequantize_tile(qw, qz, s, shifts):
+    """``(q - z) * s`` from packed words. ``qw [BK, BN]`` int32, ``qz`` and ``s`` broadcastable to it
+    (``[1, BN]`` or ``[BK, BN]``), ``shifts [BN]``. Returns ``[BK, BN]`` in the dtype of ``s``."""
+    q = (qw >> shifts[None, :]) & 0xF
+    z = (qz >> shifts[None, :]) & 0xF
+    return ((q - z).to(tl.float32) * s.to(tl.float32)).to(s.dtype)
+
+
+@triton.jit
+def load_weight_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
+                     k_start, offs_k, offs_n, K, N,
+                     GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Load and dequantize ``W^T[offs_k, offs_n]`` (``k_start`` = first row, a multiple of BLOCK_K).
+
+    Rows ``>= K`` and columns ``>= N`` come back as 0, so they add nothing to a dot product.
+    Returns ``[BLOCK_K, BLOCK_N]`` in the scales' dtype.
+    """
+    n_ok = offs_n < N
+    mask = (offs_k[:, None] < K) & n_ok[None, :]
+    word_n = offs_n // 8
+    qw = tl.load(qweight_ptr + offs_k[:, None] * stride_qk + word_n[None, :], mask=mask, other=0)
+    if GROUP_SIZE % BLOCK_K == 0:
+        # The tile lies in one group: load one row of zeros and scales and broadcast it.
+        group = k_start // GROUP_SIZE
+        qz = tl.load(qzeros_ptr + group * stride_zk + word_n[None, :], mask=n_ok[None, :], other=0)
+        s = tl.load(scales_ptr + group * stride_sk + offs_n[None, :], mask=n_ok[None, :], other=0)
+    else:
+        # BLOCK_K spans several groups: gather the group row for every k.
+        group = offs_k[:, None] // GROUP_SIZE
+        qz = tl.load(qzeros_ptr + group * stride_zk + word_n[None, :], mask=mask, other=0)
+        s = tl.load(scales_ptr + group * stride_sk + offs_n[None, :], mask=mask, other=0)
+    return dequantize_tile(qw, qz, s, awq_shifts(offs_n))

@@ -1,0 +1,141 @@
+"""Triton kernel: W4A16 GEMM ``x @ W^T (+ bias)`` dequantizing the AWQ weight inside the kernel.
+
+Reference: :func:`awq_nb.kernels.reference.gemm_ref`.
+
+For mid-sized batches (roughly M = 8..256): the weight is read once per M-tile as 4-bit codes
+(a quarter of the fp16 bytes) and dequantized in registers just before ``tl.dot``, so the dense
+``W^T`` never exists in memory.
+
+Blocked algorithm (as in Triton tutorial 03, plus a split of K)
+--------------------------------------------------------------
+Program ``(pid_m, pid_n, pid_k)`` computes a ``[BLOCK_M, BLOCK_N]`` tile of the output from every
+``SPLIT_K``-th BLOCK_K slice of K::
+
+    acc = zeros([BLOCK_M, BLOCK_N], fp32)
+    for k_start in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        a = x[m_tile, k_start : k_start + BLOCK_K]                     # [BLOCK_M, BLOCK_K]
+        w = dequantize(qweight, qzeros, scales)[k_start : ..., n_tile]  # [BLOCK_K, BLOCK_N]
+        acc += dot(a, w)
+    out[m_tile, n_tile] = acc (+ bias)          # SPLIT_K == 1
+    atomic_add(workspace[m_tile, n_tile], acc)  # SPLIT_K > 1, see kernels/common.py
+
+Pointers: ``x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk`` for the
+activations; the weight tile comes from ``load_weight_tile`` (kernels/common.py). Rows of x past
+M, k past K and columns past N are masked to 0, so no shape has to be a multiple of a block.
+
+Why split K: with small M there are only ``cdiv(N, BLOCK_N)`` output tiles, too few programs to
+keep every SM streaming weights; splitting K multiplies the programs by SPLIT_K at the price of a
+float32 reduction. The autotuner picks SPLIT_K together with the block sizes, with M bucketed and
+the group size in its key.
+
+Operands of ``tl.dot`` are fp16 for fp16 activations (no sm80-only feature on that path), bf16
+for bf16 on a GPU, and fp32 for bf16 under the interpreter (its bf16 dot is broken); the
+accumulator is fp32.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (check_launchable, dot_dtype, finish_split_k, is_interpreting, load_weight_tile,
+                     zero_workspace_if_split)
+from .validate import check_activation, check_awq_weight
+
+
+@functools.cache
+def configs(interpret: bool) -> tuple[triton.Config, ...]:
+    """Autotune candidates. Under the interpreter: one config with large tiles (fewest programs)."""
+    if interpret:
+        return (triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 2}, num_warps=4, num_stages=1,
+                              pre_hook=zero_workspace_if_split),)
+    candidates = [
+        # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)
+        (16, 64, 128, 4, 4, 4), (16, 128, 64, 2, 4, 4), (16, 64, 64, 1, 4, 4), (16, 128, 128, 8, 4, 3),
+        (32, 64, 128, 2, 4, 4), (32, 128, 64, 1, 4, 4), (32, 64, 64, 4, 4, 4),
+        (64, 128, 64, 1, 4, 4), (64, 64, 64, 2, 4, 4), (64, 128, 32, 1, 4, 4),
+        (128, 128, 64, 1, 8, 3), (128, 256, 64, 1, 8, 3), (128, 64, 64, 1, 4, 4),
+    ]
+    return tuple(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=s,
+                               pre_hook=zero_workspace_if_split)
+                 for bm, bn, bk, sk, w, s in candidates)
+
+
+@triton.jit
+def _gemm_kernel(
+    # tensors: x [M, K], qweight int32 [K, N/8], qzeros int32 [K/g, N/8], scales [K/g, N],
+    # bias [N] (ignored unless HAS_BIAS), out [M, N] in x.dtype, ws_ptr [M, N] fp32 workspace
+    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, ws_ptr,
+    # sizes
+    M, N, K,
+    # strides (weights, scales and out have contiguous last dimensions)
+    stride_xm, stride_xk, stride_qk, stride_zk, stride_sk, stride_om,
+    # autotune key only: M rounded up to a power of two, so each batch-size bucket is tuned once
+    M_BUCKET,
+    # meta-parameters
+    GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_start in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0)
+        w = load_weight_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
+                             k_start, offs_k, offs_n, K, N, GROUP_SIZE, BLOCK_K)
+        acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc)
+
+    mask = m_ok[:, None] & (offs_n[None, :] < N)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+
+
+@functools.cache
+def _tuned(candidates: tuple[triton.Config, ...]):
+    return triton.autotune(configs=list(candidates), key=["M_BUCKET", "N", "K", "GROUP_SIZE"])(_gemm_kernel)
+
+
+def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` with Triton, any M. Same contract as :func:`~awq_nb.kernels.reference.gemm_ref`
+    except that ``x`` must be float16 or bfloat16.
+
+    Args:
+        x: fp16/bf16 ``[M, K]``.
+        qweight: int32 ``[K, N/8]``; qzeros: int32 ``[K/g, N/8]``; scales: fp16/bf16 ``[K/g, N]``.
+        group_size: ``g``.
+        bias: optional ``[N]``.
+
+    Returns:
+        ``[M, N]`` in ``x.dtype`` (fp32 accumulation).
+    """
+    k, n = check_awq_weight(qweight, qzeros, scales, group_size)
+    check_activation(x, k, qweight.device, bias, n)
+    check_launchable(x, "awq_gemm")
+    qweight, qzeros, scales = (t.contiguous() for t in (qweight, qzeros, scales))
+    m = x.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    workspace = torch.empty((m, n), dtype=torch.float32, device=x.device)
+    kernel = _tuned(configs(is_interpreting()))
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+    kernel[grid](
+        x, qweight, qzeros, scales, bias if bias is not None else out, out, workspace,
+        m, n, k,
+        x.stride(0), x.stride(1), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
+        triton.next_power_of_2(m),
+        GROUP_SIZE=group_size, HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype(x.dtype),
+    )
+    return finish_split_k(kernel.best_config.kwargs["SPLIT_K"], out, workspace, bias)

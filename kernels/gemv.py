@@ -1,0 +1,150 @@
+"""Triton kernel: GEMV / small-M ``x @ W^T (+ bias)`` for decoding (M <= MAX_ROWS = 8 rows).
+
+Reference: :func:`awq_nb.kernels.reference.gemm_ref`.
+
+At batch 1..8 a Linear layer is bound by reading its weight: ~4.14 bits per weight here instead
+of 16, so the best possible speed-up over fp16 is ~3.9x. There is nothing for tensor cores to do,
+so this kernel uses no ``tl.dot``: products are formed by broadcasting and reduced with
+``tl.sum``. That also keeps it fast on GPUs where Triton has no MMA path (T4 / sm75 with
+triton >= 3.3, whose ``tl.dot`` falls back to FMA).
+
+Algorithm
+---------
+Program ``(pid_n, pid_k)`` owns columns ``pid_n*BLOCK_N + [0, BLOCK_N)`` of every row of x (all M
+rows fit in one BLOCK_M, a power of two >= M) and every ``SPLIT_K``-th BLOCK_K slice of K::
+
+    acc = zeros([BLOCK_M, BLOCK_N], fp32)
+    for k_start in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        a = x[:, k_start : k_start + BLOCK_K]                            # [BLOCK_M, BLOCK_K]
+        w = dequantize(...)[k_start : k_start + BLOCK_K, n_tile]        # [BLOCK_K, BLOCK_N]
+        acc += sum(a[:, :, None] * w[None, :, :], axis=1)                # [BLOCK_M, BLOCK_N]
+    out[:, n_tile] = acc (+ bias)  or  atomic_add(workspace, acc)     # see kernels/common.py
+
+The broadcast product has BLOCK_M * BLOCK_K * BLOCK_N elements in registers, so configs whose
+product is too big for their warps are pruned before autotuning. Split-K matters most here: a
+4096-wide layer has only 32 tiles of 128 columns, far fewer than the SMs of an H100 (132).
+
+The weight is dequantized to the scales' dtype exactly like the reference, then multiplied in
+fp32, so the only difference from ``gemm_ref`` is the order of the fp32 additions.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from awq_nb.errors import AwqNbError
+
+from .common import check_launchable, finish_split_k, is_interpreting, load_weight_tile, zero_workspace_if_split
+from .validate import check_activation, check_awq_weight
+
+MAX_ROWS = 8  # most rows of x one BLOCK_M holds; larger batches belong to the tl.dot GEMM
+PRODUCT_ELEMENTS_PER_THREAD = 64  # register budget for the [BLOCK_M, BLOCK_K, BLOCK_N] product
+
+
+@functools.cache
+def configs(interpret: bool) -> tuple[triton.Config, ...]:
+    """Autotune candidates (pruned by :func:`_prune` for the batch's BLOCK_M). One under the interpreter."""
+    if interpret:
+        return (triton.Config({"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1}, num_warps=4, num_stages=1,
+                              pre_hook=zero_workspace_if_split),)
+    return tuple(
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=s,
+                      pre_hook=zero_workspace_if_split)
+        for bn in (32, 64, 128, 256)
+        for bk in (32, 64, 128, 256)
+        for sk in (1, 4, 8, 16)
+        for w, s in ((4, 2), (8, 3))
+        if 2048 <= bn * bk <= 16384
+    )
+
+
+def _prune(candidates, named_args, **kwargs):
+    """Drop configs whose broadcast product would spill registers; keep the smallest if none fit."""
+    block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))
+    fits = [c for c in candidates
+            if block_m * c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] <= PRODUCT_ELEMENTS_PER_THREAD * 32 * c.num_warps]
+    return fits or [min(candidates, key=lambda c: c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"])]
+
+
+@triton.jit
+def _gemv_kernel(
+    # tensors: x [M, K], qweight int32 [K, N/8], qzeros int32 [K/g, N/8], scales [K/g, N],
+    # bias [N] (ignored unless HAS_BIAS), out [M, N] in x.dtype, ws_ptr [M, N] fp32 workspace
+    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, ws_ptr,
+    # sizes
+    M, N, K,
+    # strides (weights, scales and out have contiguous last dimensions)
+    stride_xm, stride_xk, stride_qk, stride_zk, stride_sk, stride_om,
+    # meta-parameters
+    GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_start in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
+        w = load_weight_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
+                             k_start, offs_k, offs_n, K, N, GROUP_SIZE, BLOCK_K).to(tl.float32)
+        acc += tl.sum(a[:, :, None] * w[None, :, :], axis=1)
+
+    mask = m_ok[:, None] & (offs_n[None, :] < N)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+
+
+@functools.cache
+def _tuned(candidates: tuple[triton.Config, ...]):
+    return triton.autotune(configs=list(candidates), key=["BLOCK_M", "N", "K", "GROUP_SIZE"],
+                           prune_configs_by={"early_config_prune": _prune})(_gemv_kernel)
+
+
+def awq_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` with Triton for ``M <= MAX_ROWS``. Same contract as
+    :func:`~awq_nb.kernels.reference.gemm_ref` except that ``x`` must be float16 or bfloat16.
+
+    Args:
+        x: fp16/bf16 ``[M, K]`` with ``1 <= M <= 8``.
+        qweight: int32 ``[K, N/8]``; qzeros: int32 ``[K/g, N/8]``; scales: fp16/bf16 ``[K/g, N]``.
+        group_size: ``g``.
+        bias: optional ``[N]``.
+
+    Returns:
+        ``[M, N]`` in ``x.dtype`` (fp32 accumulation).
+    """
+    k, n = check_awq_weight(qweight, qzeros, scales, group_size)
+    check_activation(x, k, qweight.device, bias, n)
+    check_launchable(x, "awq_gemv")
+    m = x.shape[0]
+    if not 1 <= m <= MAX_ROWS:
+        raise AwqNbError(f"awq_gemv takes 1..{MAX_ROWS} rows, got x with M={m}; use awq_nb.kernels.awq_gemm "
+                         "or awq_matmul, which picks the kernel from M.")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise AwqNbError(f"awq_gemv takes float16 or bfloat16 activations, got {x.dtype}; cast x "
+                         "(awq_matmul does this for float32).")
+    qweight, qzeros, scales = (t.contiguous() for t in (qweight, qzeros, scales))
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    workspace = torch.empty((m, n), dtype=torch.float32, device=x.device)
+    kernel = _tuned(configs(is_interpreting()))
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+    kernel[grid](
+        x, qweight, qzeros, scales, bias if bias is not None else out, out, workspace,
+        m, n, k,
+        x.stride(0), x.stride(1), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
+        GROUP_SIZE=group_size, HAS_BIAS=bias is not None, BLOCK_M=max(triton.next_power_of_2(m), 1),
+    )
+    return finish_split_k(kernel.best_config.kwargs["SPLIT_K"], out, workspace, bias)
