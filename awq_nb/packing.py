@@ -39,9 +39,8 @@ class AWQTensors(NamedTuple):
     scales: torch.Tensor  # fp16  [K/g, N]
 
 
-def check_packable(out_features: int, in_features: int, w_bit: int, group_size: int, zero_point: bool = True,
-                   name: str = "this Linear") -> None:
-    """Raise :class:`AwqNbError` unless a Linear ``[N, K]`` can be stored in the "gemm" format."""
+def check_format(w_bit: int, group_size: int, zero_point: bool = True, name: str = "this Linear") -> None:
+    """Raise :class:`AwqNbError` unless these quantizer settings can be stored in the "gemm" format."""
     if w_bit != BITS:
         raise AwqNbError(
             f"{name}: the AWQ 'gemm' format packs {BITS}-bit codes only, got w_bit={w_bit}. "
@@ -57,7 +56,15 @@ def check_packable(out_features: int, in_features: int, w_bit: int, group_size: 
             f"{name}: group_size=-1 (per-channel) is not representable in an AWQ 'gemm' checkpoint, whose "
             "config carries one numeric group size for every layer. Use group_size=128 (or 32/64/256)."
         )
-    if group_size <= 0 or in_features % group_size:
+    if not isinstance(group_size, int) or group_size <= 0:
+        raise AwqNbError(f"{name}: group_size={group_size!r} must be a positive integer.")
+
+
+def check_packable(out_features: int, in_features: int, w_bit: int, group_size: int, zero_point: bool = True,
+                   name: str = "this Linear") -> None:
+    """Raise :class:`AwqNbError` unless a Linear ``[N, K]`` can be stored in the "gemm" format."""
+    check_format(w_bit, group_size, zero_point, name)
+    if in_features % group_size:
         raise AwqNbError(
             f"{name}: in_features={in_features} is not a multiple of group_size={group_size}; pick a group size "
             "that divides it, or keep this layer in floating point (AWQConfig.skip_indivisible=True)."

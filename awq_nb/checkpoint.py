@@ -1,0 +1,442 @@
+"""Save and load AWQ "gemm" checkpoints (the AutoAWQ format; see docs/format.md).
+
+A checkpoint folder holds sharded ``*.safetensors`` (with ``model.safetensors.index.json`` when
+there is more than one shard), ``config.json`` with a ``quantization_config``, the generation
+config and the tokenizer files. Quantized Linears are stored as ``<name>.qweight/.qzeros/
+.scales(/.bias)``; every other tensor in floating point under its usual name.
+
+``save_quantized`` writes into a hidden sibling folder and renames it into place at the end, so a
+failed or interrupted save never leaves a folder that looks complete. ``load_quantized`` builds
+the model from ``config.json`` with empty weights, swaps in :class:`~awq_nb.wqlinear.WQLinear`
+modules and reads the tensors with safetensors only (no pickle, no remote code), checking every
+name, shape and dtype first.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .arch import find_quantizable, weight_nk
+from .config import AWQConfig
+from .errors import AwqNbError
+from .kernels.layout import PACK_FACTOR
+from .packing import SCALE_DTYPE, check_format, pack_linear
+from .quantizer import quant_params
+from .wqlinear import WQLinear, matches_any, select_modules
+
+QUANT_METHOD, FORMAT_VERSION = "awq", "gemm"
+WEIGHTS_NAME, INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
+LEGACY_QUANT_CONFIG = "quant_config.json"  # older AutoAWQ repositories
+QUANT_SUFFIXES = ("qweight", "qzeros", "scales")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_ST_DTYPES = {"I32": torch.int32, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+              "I64": torch.int64, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool, "F64": torch.float64}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in ``size``: an int, or a string such as ``"2GB"`` (10**9) or ``"500MiB"`` (2**20)."""
+    if isinstance(size, int) and size > 0:
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)\s*", str(size).upper())
+    if not m:
+        raise AwqNbError(f"max_shard_size={size!r} is not a size: use bytes (int) or a string like '2GB' or '500MB'.")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
+def awq_quantization_config(config: AWQConfig, kept: list[str]) -> dict:
+    """The ``quantization_config`` written to config.json (keys as AutoAWQ and transformers expect)."""
+    skip = list(config.modules_to_not_convert) + [n for n in kept if not matches_any(n, config.modules_to_not_convert)]
+    return {"quant_method": QUANT_METHOD, "bits": config.w_bit, "group_size": config.group_size,
+            "zero_point": config.zero_point, "version": FORMAT_VERSION, "modules_to_not_convert": skip or None}
+
+
+# ---------------------------------------------------------------------------------------------
+# save
+
+
+def _module_name(model: nn.Module, module: nn.Module | None) -> str | None:
+    return next((n for n, m in model.named_modules() if m is module), None) if module is not None else None
+
+
+def _tied_output_key(model: nn.Module) -> str | None:
+    """``lm_head.weight`` (or the model's name for it) when the output embedding is tied to the input one."""
+    get_out, get_in = getattr(model, "get_output_embeddings", None), getattr(model, "get_input_embeddings", None)
+    if get_out is None or get_in is None or get_out() is None or get_in() is None:
+        return None
+    out_w, in_w = get_out().weight, get_in().weight
+    same = out_w is in_w or (out_w.shape == in_w.shape and out_w.data_ptr() == in_w.data_ptr())
+    if getattr(model.config, "tie_word_embeddings", False) and not same:
+        if out_w.shape != in_w.shape or not torch.equal(out_w.detach().cpu(), in_w.detach().cpu()):
+            raise AwqNbError("config.tie_word_embeddings is True but the output embedding (lm_head) differs from the "
+                             "input embedding; a loader would re-tie them. Set model.config.tie_word_embeddings=False "
+                             "or call model.tie_weights() before saving.")
+        same = True
+    return f"{_module_name(model, get_out())}.weight" if same else None
+
+
+def _resolve_config(model: nn.Module, config: AWQConfig | None) -> tuple[AWQConfig, dict[str, nn.Module], list[str]]:
+    """The config to record, the fp Linears to pack while saving, and the quantizable Linears kept in fp."""
+    wq = {n: m for n, m in model.named_modules() if isinstance(m, WQLinear)}
+    if config is None:
+        if not wq:
+            raise AwqNbError("save_quantized: the model has no WQLinear modules and no config was given; pass "
+                             "config=AWQConfig(w_bit=4, group_size=128) to quantize its Linears while saving.")
+        first = next(iter(wq.values()))
+        config = AWQConfig(w_bit=first.w_bit, group_size=first.group_size)
+        convert, kept = {}, list(find_quantizable(model))  # the caller chose which Linears to convert
+    else:
+        convert, kept = select_modules(model, config)
+    check_format(config.w_bit, config.group_size, config.zero_point, name=f"AWQConfig({config.tag})")
+    for name, m in wq.items():
+        if (m.w_bit, m.group_size) != (config.w_bit, config.group_size):
+            raise AwqNbError(f"{name} is a WQLinear with w{m.w_bit}g{m.group_size} but the checkpoint is {config.tag}; "
+                             "one checkpoint holds one bit width and group size. Re-quantize it with the same config.")
+    return config, convert, kept
+
+
+def _units(model, config, convert, dtype) -> list[tuple[dict[str, int], Callable[[], dict[str, torch.Tensor]]]]:
+    """The checkpoint as units ``(bytes per tensor name, producer)``; a packed Linear is one unit,
+    so its tensors never straddle two shards."""
+    tied_key = _tied_output_key(model)
+    wq = {n for n, m in model.named_modules() if isinstance(m, WQLinear)}
+    units, done = [], set()
+    for key, t in model.state_dict().items():
+        owner = key.rpartition(".")[0]
+        if key == tied_key or owner in done:
+            continue
+        if owner in convert:
+            done.add(owner)
+            n, k = weight_nk(convert[owner]).shape
+            sizes = {f"{owner}.qweight": k * n // 2, f"{owner}.qzeros": k // config.group_size * n // 2,
+                     f"{owner}.scales": k // config.group_size * n * 2}
+            if getattr(convert[owner], "bias", None) is not None:
+                sizes[f"{owner}.bias"] = n * dtype.itemsize
+            units.append((sizes, lambda m=convert[owner], o=owner: _pack_module(m, o, config, dtype)))
+            continue
+        if owner in wq and key.endswith(".scales"):
+            out_dtype = SCALE_DTYPE
+        else:
+            out_dtype = dtype if t.is_floating_point() else t.dtype
+        units.append(({key: t.numel() * out_dtype.itemsize}, lambda k=key, t=t, d=out_dtype: {k: t.detach().to("cpu", d)}))
+    return units
+
+
+@torch.no_grad()
+def _pack_module(m: nn.Module, name: str, config: AWQConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    w = weight_nk(m)
+    if w.device.type == "meta":
+        raise AwqNbError(f"{name}.weight is on the meta device (offloaded?); load the model fully before saving.")
+    scale, zero = quant_params(w, config.w_bit, config.group_size, config.zero_point)
+    packed = pack_linear(w, scale, zero, config.group_size, config.w_bit)
+    out = {f"{name}.{s}": t.cpu() for s, t in zip(QUANT_SUFFIXES, packed)}
+    if getattr(m, "bias", None) is not None:
+        out[f"{name}.bias"] = m.bias.detach().to("cpu", dtype)
+    return out
+
+
+def _shards(units, max_bytes: int) -> list[list]:
+    shards, size = [[]], 0
+    for unit in units:
+        nbytes = sum(unit[0].values())
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(unit)
+        size += nbytes
+    return shards
+
+
+def _looks_like_awq_checkpoint(folder: Path) -> bool:
+    cfg = folder / "config.json"
+    if not cfg.is_file() or not any(folder.glob("*.safetensors")):
+        return False
+    try:
+        q = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise AwqNbError(f"{out} exists and is a file; choose a folder path for the checkpoint.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite and not _looks_like_awq_checkpoint(out):
+        entries = sorted(p.name for p in out.iterdir())[:5]
+        raise AwqNbError(f"{out} is not empty and is not an AWQ checkpoint (it holds {entries}...); pass overwrite=True "
+                         "to replace it, or choose another folder.")
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` folder to ``out`` (replacing it) with renames only."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        old.rmdir()
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except OSError:
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, config: AWQConfig | None = None,
+                   max_shard_size: int | str = "2GB", dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+    """Write ``model`` as an AWQ "gemm" checkpoint in ``out_dir`` and return its path.
+
+    Linears that are already :class:`WQLinear` are written as they are; with ``config``, the
+    decoder Linears it selects (:func:`awq_nb.wqlinear.select_modules`) are quantized from their
+    current (AWQ-scaled) weights while writing, without changing ``model``. Other floating-point
+    tensors are written in ``dtype`` (default: the model's fp16/bf16 dtype, fp16 for fp32 models);
+    a tied ``lm_head`` is not written. ``tokenizer`` may be None.
+
+    ``out_dir`` must be missing, empty or an earlier AWQ checkpoint, unless ``overwrite=True``.
+    """
+    out = Path(out_dir)
+    _check_target(out, overwrite)
+    config, convert, kept = _resolve_config(model, config)
+    if dtype is None:
+        model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float16)
+        dtype = model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
+    shards = _shards(_units(model, config, convert, dtype), parse_size(max_shard_size))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards):
+            fname = WEIGHTS_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {}
+            for sizes, produce in shard:
+                tensors.update(produce())
+                total += sum(sizes.values())
+            seen = set()
+            for k, t in tensors.items():  # safetensors refuses tensors sharing memory
+                t = t.contiguous()
+                tensors[k] = t.clone() if t.data_ptr() in seen else t
+                seen.add(t.data_ptr())
+            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, fname))
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        hf_config = copy.deepcopy(model.config)
+        hf_config.quantization_config = awq_quantization_config(config, kept)
+        hf_config.dtype = dtype
+        hf_config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _commit(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# load
+
+
+def read_quant_config(path: str | Path) -> dict:
+    """The checkpoint's quantization settings, normalised to our ``quantization_config`` keys.
+
+    Reads ``config.json``'s ``quantization_config``, else an older ``quant_config.json``
+    (``w_bit``/``q_group_size``); accepts only 4-bit asymmetric AWQ in the "gemm" layout.
+    """
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise AwqNbError(f"{path} has no config.json; point load_quantized at the checkpoint folder.")
+    raw, source = _read_json(cfg_file).get("quantization_config"), cfg_file
+    if raw is None and (path / LEGACY_QUANT_CONFIG).is_file():
+        raw, source = _read_json(path / LEGACY_QUANT_CONFIG), path / LEGACY_QUANT_CONFIG
+        raw.setdefault("quant_method", QUANT_METHOD)
+    if not isinstance(raw, dict):
+        raise AwqNbError(f"{cfg_file} has no quantization_config (and there is no {LEGACY_QUANT_CONFIG}): this is not an "
+                         "AWQ checkpoint. Load it with transformers, or quantize it with awq_nb first.")
+    method = str(raw.get("quant_method", "")).lower()
+    if method != QUANT_METHOD:
+        raise AwqNbError(f"{source}: quant_method={raw.get('quant_method')!r} is not 'awq'; awq_nb loads AWQ checkpoints only.")
+    version = str(raw.get("version", raw.get("format", FORMAT_VERSION))).lower()
+    if version != FORMAT_VERSION:
+        raise AwqNbError(f"{source}: AWQ version {version!r} is not supported; awq_nb reads the 'gemm' layout only "
+                         "('gemv'/'gemv_fast'/'marlin' store the weights differently). Use a 'gemm' export of this model "
+                         "or re-quantize it with awq_nb.")
+    q = {"quant_method": QUANT_METHOD, "bits": raw.get("bits", raw.get("w_bit")),
+         "group_size": raw.get("group_size", raw.get("q_group_size")), "zero_point": raw.get("zero_point", True),
+         "version": FORMAT_VERSION, "modules_to_not_convert": raw.get("modules_to_not_convert")}
+    try:
+        check_format(q["bits"], q["group_size"], bool(q["zero_point"]), name=str(source))
+    except AwqNbError as e:
+        raise AwqNbError(f"{e} (this checkpoint cannot be loaded as AWQ 'gemm')") from None
+    return q
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AwqNbError(f"{file} is not valid JSON ({e}); re-download or re-save the checkpoint.") from None
+    if not isinstance(data, dict):
+        raise AwqNbError(f"{file} should hold a JSON object; re-download or re-save the checkpoint.")
+    return data
+
+
+def _tensor_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (from the index, else from every file's header)."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        hint = f" It has {pickles[:3]}: awq_nb never unpickles weights; convert them to safetensors." if pickles else ""
+        raise AwqNbError(f"{path} has no *.safetensors files.{hint}")
+    index_file = path / INDEX_NAME
+    if index_file.is_file():
+        weight_map = _read_json(index_file).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise AwqNbError(f"{index_file} has no weight_map; re-save the checkpoint.")
+        located = {k: path / f for k, f in weight_map.items()}
+        for f in sorted(set(located.values())):
+            if not f.is_file():
+                raise AwqNbError(f"{index_file} lists {f.name}, which is missing from {path}; the download or save is "
+                                 "incomplete: fetch that shard again.")
+        return located
+    located = {}
+    for f in files:
+        for k in _open(f).keys():
+            located[k] = f
+    return located
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise AwqNbError(f"{file} is not a readable safetensors file ({e}); it is probably truncated or corrupt: "
+                         "download or save it again.") from None
+
+
+def _build_empty(path: Path, quant: dict, dtype: torch.dtype) -> nn.Module:
+    """The model described by config.json, parameters on the meta device, quantizable Linears as WQLinear."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (ValueError, OSError, KeyError) as e:
+        raise AwqNbError(f"transformers cannot read {path / 'config.json'} ({e}); awq_nb loads built-in architectures "
+                         "only (trust_remote_code is off).") from None
+    build_config = copy.deepcopy(hf_config)
+    if hasattr(build_config, "quantization_config"):
+        del build_config.quantization_config  # we swap the Linears ourselves
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(build_config, trust_remote_code=False)
+    for name, m in find_quantizable(model).items():
+        if matches_any(name, quant["modules_to_not_convert"]):
+            continue
+        n, k = weight_nk(m).shape
+        if k % quant["group_size"] or n % PACK_FACTOR:
+            raise AwqNbError(f"{name} ({k} -> {n}) cannot be a {quant['bits']}-bit group-{quant['group_size']} AWQ layer, "
+                             "and the checkpoint's modules_to_not_convert does not list it; the config.json does not "
+                             "match the tensors: add the module to modules_to_not_convert or re-export the checkpoint.")
+        wq = WQLinear(quant["bits"], quant["group_size"], k, n, getattr(m, "bias", None) is not None, "meta", dtype)
+        model.set_submodule(name, wq)
+    model.config.quantization_config = quant
+    return model
+
+
+def _check_tensors(model: nn.Module, located: dict[str, Path], quant: dict, path: Path) -> dict:
+    """Compare the checkpoint's names, shapes and dtypes with the model's; raise naming the first problem."""
+    expected = model.state_dict()
+    tied_key = None
+    if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
+        tied_key = f"{_module_name(model, model.get_output_embeddings())}.weight"
+    missing = [k for k in expected if k not in located and k != tied_key]
+    if missing:
+        k = missing[0]
+        owner, _, suffix = k.rpartition(".")
+        hint = "the checkpoint is incomplete: re-save or re-download it"
+        if suffix in QUANT_SUFFIXES and f"{owner}.weight" in located:
+            hint = (f"{owner} is stored unquantized (.weight): add it to quantization_config.modules_to_not_convert "
+                    "in config.json")
+        raise AwqNbError(f"checkpoint {path} lacks tensor {k!r} ({len(missing)} missing in "
+                         f"all); {hint}.")
+    unexpected = sorted(k for k in located if k not in expected)
+    odd = [k for k in unexpected if k.rpartition(".")[2] in QUANT_SUFFIXES]
+    if odd:
+        raise AwqNbError(f"{located[odd[0]].name} holds quantized tensor {odd[0]!r} for a module that config.json says is "
+                         "not quantized (modules_to_not_convert, or not a decoder Linear); fix modules_to_not_convert.")
+    if unexpected:
+        warnings.warn(f"ignoring {len(unexpected)} checkpoint tensors the model does not use, e.g. {unexpected[:3]}")
+    for key, ref in expected.items():
+        if key not in located:
+            continue
+        sl = _open(located[key]).get_slice(key)
+        shape, st_dtype = tuple(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype())
+        if shape != tuple(ref.shape):
+            layout = " ('gemm' layout: qweight [K, N/8], qzeros [K/g, N/8], scales [K/g, N])" if key.rpartition(".")[2] in QUANT_SUFFIXES else ""
+            raise AwqNbError(f"{located[key].name}: tensor {key!r} has shape {list(shape)}, expected {list(ref.shape)} "
+                             f"for group_size={quant['group_size']}{layout}; config.json and the tensors disagree: "
+                             "re-export the checkpoint.")
+        want_int = ref.dtype == torch.int32
+        if st_dtype is None or (want_int and st_dtype != torch.int32) or (not want_int and ref.is_floating_point()
+                                                                          and not st_dtype.is_floating_point):
+            raise AwqNbError(f"{located[key].name}: tensor {key!r} has dtype {sl.get_dtype()}, expected "
+                             f"{'I32 (packed int4)' if want_int else 'a float type'}; re-export the checkpoint "
+                             "without casting it.")
+    return expected
+
+
+def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float16):
+    """Load an AWQ "gemm" checkpoint (ours or AutoAWQ's) as ``(model, tokenizer)``.
+
+    Floating-point tensors (and the scales) are cast to ``dtype``; the packed ints stay int32. The
+    tokenizer is None when the folder has no tokenizer files. Raises :class:`AwqNbError` naming the
+    file or tensor at fault for inconsistent or corrupt checkpoints.
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise AwqNbError(f"{path} is not a folder; pass the checkpoint folder written by save_quantized.")
+    quant = read_quant_config(path)
+    located = _tensor_files(path)
+    model = _build_empty(path, quant, dtype)
+    expected = _check_tensors(model, located, quant, path)
+    device = torch.device(device)
+    for file in sorted(set(located[k] for k in expected if k in located)):
+        f = _open(file)
+        state = {}
+        for key in f.keys():
+            if key not in expected:
+                continue
+            try:
+                t = f.get_tensor(key)
+            except SafetensorError as e:
+                raise AwqNbError(f"{file.name}: cannot read tensor {key!r} ({e}); the file is corrupt: fetch it again.") from None
+            state[key] = (t.to(dtype) if t.is_floating_point() else t).to(device)
+        model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if left:
+        raise AwqNbError(f"{path}: no tensor was loaded for {left[:3]}; the checkpoint does not match config.json.")
+    model.to(device).eval()
+    tokenizer = None
+    if any((path / f).is_file() for f in TOKENIZER_FILES):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    return model, tokenizer

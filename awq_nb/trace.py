@@ -1,0 +1,98 @@
+"""One fp forward through a decoder block, with hooks that gather what both searches need.
+
+Per Linear: mean |x| and max |x| per input channel (saliency, over all tokens) and, for the
+Linears whose clipping is searched, the diagonal blocks of the Gram matrix ``X^T X`` (over all
+tokens). For the first ``record_n`` sequences: each Linear's input and each inspected module's
+call arguments, replayed later by the scale search.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .capture import first_tensor
+from .results import ChannelStats
+from .search import gram_diag_blocks
+
+
+@dataclass
+class BlockTrace:
+    stats: dict[str, ChannelStats] = field(default_factory=dict)
+    grams: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [G, g, g]
+    inputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # name -> [b, T, K] per recorded chunk
+    calls: dict[str, list[tuple[tuple, dict]]] = field(default_factory=dict)  # inspect name -> (args, kwargs)
+    output: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def trace_block(
+    block: nn.Module,
+    linears: dict[str, nn.Module],
+    inspect: dict[str, nn.Module],
+    hidden: torch.Tensor,
+    args: tuple,
+    kwargs: dict,
+    chunk: int,
+    record_n: int,
+    gram_for: set[str],
+    group_size: int,
+) -> BlockTrace:
+    """Run ``block`` over ``hidden [n, T, H]`` (in chunks) and gather a :class:`BlockTrace`."""
+    tr = BlockTrace()
+    sums: dict[str, torch.Tensor] = {}
+    maxs: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    recording = {"on": False}
+    per_call_cache: dict[tuple, object] = {}  # q/k/v and gate/up share one input tensor
+
+    def linear_hook(name):
+        def hook(_m, inp):
+            x = inp[0]
+            key = (x.data_ptr(), tuple(x.shape))
+            cached = per_call_cache.get(key)
+            if cached is None:
+                xf = x.detach().reshape(-1, x.shape[-1]).float()
+                cached = {"sum": xf.abs().sum(0), "max": xf.abs().amax(0), "n": xf.shape[0], "x": x.detach()}
+                per_call_cache[key] = cached
+            sums[name] = sums.get(name, 0) + cached["sum"]
+            maxs[name] = torch.maximum(maxs[name], cached["max"]) if name in maxs else cached["max"]
+            counts[name] = counts.get(name, 0) + cached["n"]
+            if name in gram_for:
+                if "gram" not in cached:
+                    cached["gram"] = gram_diag_blocks(x.detach(), group_size)
+                tr.grams[name] = tr.grams[name] + cached["gram"] if name in tr.grams else cached["gram"]
+            if recording["on"]:
+                tr.inputs.setdefault(name, []).append(cached["x"])
+
+        return hook
+
+    def inspect_hook(name):
+        def hook(_m, a, kw):
+            if recording["on"]:
+                tr.calls.setdefault(name, []).append((a, dict(kw)))
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(linear_hook(n)) for n, m in linears.items()]
+    handles += [m.register_forward_pre_hook(inspect_hook(n), with_kwargs=True) for n, m in inspect.items()]
+    outs = []
+    try:
+        n = hidden.shape[0]
+        starts = list(range(0, min(record_n, n), chunk)) + list(range(min(record_n, n), n, chunk))
+        for s in starts:
+            e = min(s + chunk, record_n if s < record_n else n)
+            recording["on"] = s < record_n
+            per_call_cache.clear()
+            outs.append(first_tensor(block(hidden[s:e], *args, **kwargs)))
+    finally:
+        for h in handles:
+            h.remove()
+        per_call_cache.clear()
+    tr.output = torch.cat(outs, 0)
+    tr.stats = {
+        name: ChannelStats(mean_abs=(sums[name] / counts[name]).cpu(), max_abs=maxs[name].cpu(), tokens=counts[name])
+        for name in sums
+    }
+    return tr
