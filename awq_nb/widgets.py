@@ -109,7 +109,7 @@ def run_pipeline(settings: RunSettings, progress: Progress) -> RunOutcome:
     """Load the model, measure FP perplexity, quantize with AWQ (and a RTN copy), measure both."""
     import torch
 
-    from . import calibration_blocks, fake_quantize, load_model, quantize
+    from . import calibration_blocks, eval_windows, fake_quantize, load_model, quantize
     from .evaluate import model_size_bytes, perplexity
 
     steps, t0, cfg = 5, time.perf_counter(), settings.config
@@ -117,9 +117,9 @@ def run_pipeline(settings: RunSettings, progress: Progress) -> RunOutcome:
     model, tok = load_model(settings.model, dtype=torch.float32, device=settings.device)
     progress(1, steps, f"calibration text: {settings.n_samples} x {settings.seqlen} tokens")
     blocks = calibration_blocks(tok, source=settings.calib, n_samples=settings.n_samples, seqlen=settings.seqlen)
-    ppl = dict(data=settings.eval_data, seqlen=settings.eval_seqlen, max_windows=settings.eval_windows)
     progress(2, steps, "perplexity of the floating-point model")
-    rows = [{"method": "FP32", "perplexity": perplexity(model, tok, **ppl)["perplexity"],
+    ppl = dict(windows=eval_windows(tok, settings.eval_data, seqlen=settings.eval_seqlen, max_windows=settings.eval_windows))
+    rows = [{"method": "FP32", "perplexity": perplexity(model, **ppl)["perplexity"],
              "size_bytes": model_size_bytes(model)}]
     rtn = copy.deepcopy(model)
     result = quantize(model, tok, cfg, calib=blocks, progress=progress)  # search + apply + round
@@ -127,10 +127,10 @@ def run_pipeline(settings: RunSettings, progress: Progress) -> RunOutcome:
     size = model_size_bytes(model, cfg.w_bit, cfg.group_size, cfg.zero_point, keep=tuple(keep))
     progress(3, steps, "perplexity of RTN (round-to-nearest, no scaling)")
     fake_quantize(rtn, cfg, keep=keep)
-    rows.append({"method": f"RTN {cfg.tag}", "perplexity": perplexity(rtn, tok, **ppl)["perplexity"], "size_bytes": size})
+    rows.append({"method": f"RTN {cfg.tag}", "perplexity": perplexity(rtn, **ppl)["perplexity"], "size_bytes": size})
     del rtn
     progress(4, steps, "perplexity of AWQ")
-    rows.append({"method": f"AWQ {cfg.tag}", "perplexity": perplexity(model, tok, **ppl)["perplexity"], "size_bytes": size})
+    rows.append({"method": f"AWQ {cfg.tag}", "perplexity": perplexity(model, **ppl)["perplexity"], "size_bytes": size})
     progress(steps, steps, f"done in {time.perf_counter() - t0:.0f} s")
     notes = [f"kept in floating point: {', '.join(keep)}."] if keep else []
     return RunOutcome(rows=rows, result=result, model=model, tokenizer=tok, notes=notes)

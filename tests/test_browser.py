@@ -9,7 +9,8 @@ the test's tmp folder) and their paths are printed.
   (render, click Run, progress, results table, plot image) in ~30 s, no model.
 - ``test_quickstart_runs_awq_on_the_bundled_model``: the real flow. ``notebooks/00_quickstart.ipynb``
   if it builds the app, else a two-cell notebook; Run with ``AWQ_NB_FAST=1`` on the bundled
-  SmolLM2 and wait for the FP / RTN / AWQ table (a few minutes on 2 CPU cores).
+  SmolLM2 and wait for the FP / RTN / AWQ table (minutes on 2 CPU cores; the wait is bounded by
+  ``$AWQ_NB_BROWSER_RUN_TIMEOUT`` seconds, default 900).
 """
 import importlib.util
 import os
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "notebooks" / "00_quickstart.ipynb"
 UI_TIMEOUT_S = 120  # kernel start + import awq_nb (torch) + widget render
 FAKE_RUN_TIMEOUT_S = 60
-REAL_RUN_TIMEOUT_S = 480
+REAL_RUN_TIMEOUT_S = float(os.environ.get("AWQ_NB_BROWSER_RUN_TIMEOUT", 900))
 
 FAKE_APP = '''\
 from awq_nb import widgets

@@ -209,9 +209,13 @@ def test_run_pipeline_plumbing_with_a_fake_engine(monkeypatch):
     def fake_quantize(m, config, keep):
         calls.append(("rtn", m is model, keep))
 
-    def perplexity(m, tok, data, seqlen, max_windows):
-        calls.append(("ppl", m is model, data, seqlen, max_windows))
-        return {"perplexity": float(len(calls)), "windows": max_windows, "tokens": seqlen * max_windows}
+    def eval_windows(tok, data, seqlen, max_windows):
+        calls.append(("windows", data, seqlen, max_windows))
+        return torch.zeros(max_windows, seqlen, dtype=torch.long)
+
+    def perplexity(m, windows):
+        calls.append(("ppl", m is model, tuple(windows.shape)))
+        return {"perplexity": float(len(calls)), "windows": windows.shape[0], "tokens": windows.numel()}
 
     def model_size_bytes(m, w_bit=None, group_size=128, zero_point=True, keep=()):
         return 1000 if w_bit is None else w_bit * 10 + len(keep)
@@ -220,17 +224,18 @@ def test_run_pipeline_plumbing_with_a_fake_engine(monkeypatch):
     monkeypatch.setattr(awq_nb, "calibration_blocks",
                         lambda tok, source, n_samples, seqlen: torch.zeros(n_samples, seqlen, dtype=torch.long))
     monkeypatch.setattr(awq_nb, "quantize", quantize)
+    monkeypatch.setattr(awq_nb, "eval_windows", eval_windows)
     monkeypatch.setattr(awq_nb, "fake_quantize", fake_quantize)
     monkeypatch.setitem(sys.modules, "awq_nb.evaluate",
                         types.SimpleNamespace(perplexity=perplexity, model_size_bytes=model_size_bytes))
     steps = []
     settings = widgets.settings_from_values(widgets.default_values({"AWQ_NB_FAST": "1"}))
     out = widgets.run_pipeline(settings, lambda d, t, desc: steps.append((d, t)))
-    assert calls == [("ppl", True, "sotu", 256, 4), ("quantize", True, "w4g64", (8, 128)),
-                     ("rtn", False, ["lm_head"]), ("ppl", False, "sotu", 256, 4), ("ppl", True, "sotu", 256, 4)]
-    assert out.rows == [{"method": "FP32", "perplexity": 1.0, "size_bytes": 1000},
-                        {"method": "RTN w4g64", "perplexity": 4.0, "size_bytes": 41},
-                        {"method": "AWQ w4g64", "perplexity": 5.0, "size_bytes": 41}]
+    assert calls == [("windows", "sotu", 256, 4), ("ppl", True, (4, 256)), ("quantize", True, "w4g64", (8, 128)),
+                     ("rtn", False, ["lm_head"]), ("ppl", False, (4, 256)), ("ppl", True, (4, 256))]
+    assert out.rows == [{"method": "FP32", "perplexity": 2.0, "size_bytes": 1000},
+                        {"method": "RTN w4g64", "perplexity": 5.0, "size_bytes": 41},
+                        {"method": "AWQ w4g64", "perplexity": 6.0, "size_bytes": 41}]
     assert (1, 2) in steps and steps[-1] == (5, 5) and out.model is model
     assert out.notes == ["kept in floating point: lm_head."]
 
