@@ -8,7 +8,9 @@ that ``state_dict()`` keys are the checkpoint's tensor names::
     scales   [K/g, N]           fp16 values; kept in the model's float dtype in memory
     bias     [N] or None
 
-``forward(x [..., K]) -> [..., N]`` in ``x.dtype``, through the kernels' matmul.
+``forward(x [..., K]) -> [..., N]`` in ``x.dtype``, through :func:`awq_nb.kernels.dispatch.awq_matmul`
+(Triton kernels on CUDA; on CPU, dequantize + matmul unless :meth:`WQLinear.prepare_cpu_int4` has
+converted the weight once for torch's much faster int4 CPU kernel).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from .arch import find_quantizable, weight_nk
 from .config import AWQConfig
 from .errors import AwqNbError
 from .kernels.layout import PACK_FACTOR
-from .kernels.reference import gemm_ref as awq_matmul
+from .kernels.cpu import int4_cpu_supported, prepare_cpu_int4 as _prepare_cpu_int4
+from .kernels.dispatch import awq_matmul
 from .packing import check_format, check_packable, pack_linear
 from .quantizer import quant_params
 
@@ -38,6 +41,7 @@ class WQLinear(nn.Module):
         self.register_buffer("qzeros", torch.zeros(groups, words, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=dtype, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.cpu_weight = None  # set by prepare_cpu_int4; not saved, dropped when the buffers change
 
     @classmethod
     @torch.no_grad()
@@ -59,10 +63,24 @@ class WQLinear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        out = awq_matmul(x.reshape(-1, self.in_features), self.qweight, self.qzeros, self.scales, self.group_size,
-                         self.bias)
-        return out.reshape(*lead, self.out_features)
+        cpu_weight = self.cpu_weight if x.device.type == "cpu" else None
+        return awq_matmul(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias, cpu_weight=cpu_weight)
+
+    def prepare_cpu_int4(self, dtype: torch.dtype = torch.bfloat16) -> bool:
+        """Convert the weight once for torch's int4 CPU kernel (``dtype`` bf16: fast, within bf16
+        rounding; fp32: exact). Returns False (and changes nothing) where that kernel does not apply."""
+        if self.qweight.device.type != "cpu" or not int4_cpu_supported(self.out_features, self.group_size):
+            return False
+        self.cpu_weight = _prepare_cpu_int4(self.qweight, self.qzeros, self.scales, self.group_size, dtype)
+        return True
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .half() / .cuda(): the converted weight is stale
+        self.cpu_weight = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.cpu_weight = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -95,6 +113,12 @@ def select_modules(model: nn.Module, config: AWQConfig) -> tuple[dict[str, nn.Mo
         check_packable(n, k, config.w_bit, config.group_size, config.zero_point, name=name)
         convert[name] = m
     return convert, kept
+
+
+def prepare_cpu_int4(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """:meth:`WQLinear.prepare_cpu_int4` on every WQLinear of ``model``; returns how many were converted.
+    Call it after loading and moving the model (moving drops the conversion)."""
+    return sum(m.prepare_cpu_int4(dtype) for m in model.modules() if isinstance(m, WQLinear))
 
 
 def replace_with_wqlinear(model: nn.Module, config: AWQConfig) -> nn.Module:

@@ -1,10 +1,15 @@
-"""Tests for awq_nb.packing: a hand-worked example, round trips, and agreement with the quantizer."""
+"""Tests for awq_nb.packing (a hand-worked example, round trips, agreement with the quantizer) and
+awq_nb.wqlinear (the module built from those tensors)."""
+import copy
+
 import pytest
 import torch
+from torch import nn
 
 from awq_nb.errors import AwqNbError
 from awq_nb.packing import check_packable, dequantize_packed, pack_codes, pack_linear, unpack_linear
-from awq_nb.quantizer import pseudo_quantize, quant_params, quantize_int
+from awq_nb.quantizer import dequantize_int, pseudo_quantize, quant_params, quantize_int
+from awq_nb.wqlinear import WQLinear, matches_any, prepare_cpu_int4
 
 
 def int32_word(hex_word: int) -> int:
@@ -96,3 +101,89 @@ def test_unpack_rejects_inconsistent_shapes():
         unpack_linear(t.qweight, t.qzeros, t.scales[:, :8], 32)
     with pytest.raises(AwqNbError, match="qzeros has shape"):
         dequantize_packed(t.qweight, t.qzeros, t.scales, 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# WQLinear
+
+
+def _linear(k=128, n=48, bias=True, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias).to(dtype)
+    return lin
+
+
+def _reference(lin, g):
+    """The Linear with its weight fake-quantized using fp16-rounded scales (what WQLinear stores)."""
+    ref = copy.deepcopy(lin).float()
+    w = ref.weight.data
+    scale, zero = quant_params(w, 4, g)
+    ref.weight.data = dequantize_int(quantize_int(w, scale, zero, 4, g), scale.half().float(), zero, g)
+    return ref
+
+
+@pytest.mark.parametrize("shape", [(5, 128), (2, 3, 128), (1, 1, 1, 128)])
+def test_wqlinear_forward_any_leading_dims(shape):
+    lin = _linear()
+    wq = WQLinear.from_linear(lin, w_bit=4, group_size=32)
+    x = torch.randn(shape)
+    y = wq(x)
+    assert y.shape == (*shape[:-1], 48) and y.dtype == torch.float32
+    assert torch.allclose(y, _reference(lin, 32)(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_wqlinear_keeps_input_dtype(dtype):
+    lin = _linear(dtype=dtype)
+    wq = WQLinear.from_linear(lin, group_size=64)
+    assert wq.scales.dtype == dtype and wq.bias.dtype == dtype and wq.qweight.dtype == torch.int32
+    x = torch.randn(4, 128, dtype=dtype)
+    y = wq(x)
+    assert y.dtype == dtype
+    ref = _reference(lin, 64)(x.float())
+    assert (y.float() - ref).abs().max() < 2e-2 * ref.abs().max()
+
+
+def test_wqlinear_from_conv1d_and_repr():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(1)
+    conv = Conv1D(nf=64, nx=96)  # weight [in=96, out=64]
+    nn.init.normal_(conv.weight, std=0.1)
+    nn.init.normal_(conv.bias, std=0.1)
+    wq = WQLinear.from_linear(conv, group_size=32)
+    assert (wq.in_features, wq.out_features, wq.qweight.shape) == (96, 64, (96, 8))
+    lin = nn.Linear(96, 64)
+    lin.weight.data, lin.bias.data = conv.weight.data.t().clone(), conv.bias.data.clone()
+    x = torch.randn(3, 96)
+    assert torch.allclose(wq(x), _reference(lin, 32)(x), atol=1e-5, rtol=0)
+    assert repr(wq) == "WQLinear(in_features=96, out_features=64, bias=True, w_bit=4, group_size=32)"
+    assert set(wq.state_dict()) == {"qweight", "qzeros", "scales", "bias"}
+    assert set(WQLinear.from_linear(_linear(bias=False), group_size=32).state_dict()) == {"qweight", "qzeros", "scales"}
+
+
+def test_wqlinear_rejects_unrepresentable_layers():
+    with pytest.raises(AwqNbError, match="symmetric"):
+        WQLinear.from_linear(_linear(), zero_point=False, group_size=32)
+    with pytest.raises(AwqNbError, match="4-bit"):
+        WQLinear.from_linear(_linear(), w_bit=8, group_size=32)
+    with pytest.raises(AwqNbError, match="out_features=20"):
+        WQLinear.from_linear(_linear(n=20), group_size=32)
+
+
+def test_prepare_cpu_int4_fast_path_and_invalidation():
+    lin = _linear(k=256, n=64)
+    model = nn.Sequential(WQLinear.from_linear(lin, group_size=64))
+    x = torch.randn(2, 256)
+    exact = model(x)
+    assert prepare_cpu_int4(model, dtype=torch.float32) == 1 and model[0].cpu_weight is not None
+    assert torch.allclose(model(x), exact, atol=1e-4, rtol=0)  # fp32 int4 kernel: exact up to summation order
+    model.to(torch.float32)  # moving or casting drops the converted copy
+    assert model[0].cpu_weight is None
+
+
+def test_modules_to_not_convert_matches_substrings():
+    assert matches_any("model.layers.3.mlp.down_proj", ["down_proj"])
+    assert matches_any("model.layers.3.mlp.down_proj", ["model.layers.3."])
+    assert not matches_any("model.layers.3.mlp.down_proj", ["up_proj"])
+    assert not matches_any("model.layers.3.mlp.down_proj", None)
