@@ -61,6 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     e.add_argument("--trust-remote-code", action="store_true")
+    d = sub.add_parser("demo", help="fp vs round-to-nearest vs AWQ on one model, printed as a table (offline by default)")
+    d.add_argument("model", nargs="?", default="smollm2-135m")
+    d.add_argument("--w-bit", type=int, default=4)
+    d.add_argument("--group-size", type=int, default=128)
+    d.add_argument("--n-samples", type=int, default=32)
+    d.add_argument("--seqlen", type=int, default=512)
+    d.add_argument("--windows", type=int, default=16, help="1024-token evaluation windows of the 1990+ speeches")
+    d.add_argument("--device", default="cpu")
     return p
 
 
@@ -130,10 +138,21 @@ def cmd_eval(a) -> dict:
     return {"model": a.model, "data": a.data, "seqlen": a.seqlen, **r, "seconds": round(time.perf_counter() - t0, 2)}
 
 
+def cmd_demo(a) -> dict:
+    from . import AWQConfig, load_model
+    from .compare import compare_methods, format_table
+
+    model, tok = load_model(a.model, device=a.device)
+    rows = compare_methods(model, tok, [AWQConfig(w_bit=a.w_bit, group_size=a.group_size)], n_samples=a.n_samples,
+                           seqlen=a.seqlen, max_windows=a.windows, device=a.device)
+    print(format_table(rows))
+    return {"model": a.model, "rows": rows}
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        summary = {"quantize": cmd_quantize, "eval": cmd_eval}[args.cmd](args)
+        summary = {"quantize": cmd_quantize, "eval": cmd_eval, "demo": cmd_demo}[args.cmd](args)
     except (AwqNbError, FileNotFoundError) as e:
         if args.debug:
             raise

@@ -1,0 +1,74 @@
+"""The search maths on plain tensors."""
+import math
+
+import torch
+
+from awq_nb.quantizer import pseudo_quantize
+from awq_nb.search import (
+    alpha_grid, apply_clip_, candidate_scales, clip_ratio_grid, gram, gram_diag_blocks, gram_loss,
+    scaled_quantized, search_clip, search_scales,
+)
+
+
+def test_gram_loss_equals_direct_output_error():
+    torch.manual_seed(0)
+    x, w = torch.randn(300, 64), torch.randn(32, 64)
+    wq = pseudo_quantize(w, 3, 32)
+    direct = float(((x @ wq.T - x @ w.T) ** 2).sum())
+    assert gram_loss(wq - w, gram(x)) == __import__("pytest").approx(direct, rel=1e-4)
+
+
+def test_gram_diag_blocks_match_full_gram():
+    x = torch.randn(50, 96)
+    full, blocks = gram(x), gram_diag_blocks(x, 32)
+    for i in range(3):
+        torch.testing.assert_close(blocks[i], full[32 * i : 32 * (i + 1), 32 * i : 32 * (i + 1)])
+
+
+def test_candidate_scales_normalised_and_alpha0_is_rtn():
+    x = torch.rand(64) * 10 + 0.01
+    s = candidate_scales(x, 0.5)
+    assert math.isclose(float(s.max() * s.min()), 1.0, rel_tol=1e-4)
+    assert torch.allclose(candidate_scales(x, 0.0), torch.ones(64))
+    w = torch.randn(8, 64)
+    assert torch.equal(scaled_quantized(w, candidate_scales(x, 0.0), 4, 32, True), pseudo_quantize(w, 4, 32))
+
+
+def test_scale_search_picks_argmin_and_skips_nonfinite():
+    torch.manual_seed(0)
+    x = torch.randn(512, 64) * torch.linspace(0.1, 8, 64)  # a few channels carry large activations
+    w = torch.randn(16, 64)
+    sigma = gram(x)
+    x_mean = x.abs().mean(0)
+    calls = []
+
+    def loss(eff):
+        calls.append(1)
+        if len(calls) == 3:
+            return float("nan")  # a broken candidate must be skipped, not chosen or raised
+        return gram_loss(eff[0] - w, sigma)
+
+    alphas, losses, best, s = search_scales(x_mean, [w], loss, 3, 32, True, n_grid=10)
+    assert alphas == alpha_grid(10) and len(losses) == 10
+    assert losses[2] == math.inf
+    finite = [l for l in losses if math.isfinite(l)]
+    assert best == alphas[losses.index(min(finite))]
+    assert min(finite) < losses[0], "activation-aware scales should beat RTN on outlier channels"
+    torch.testing.assert_close(s, candidate_scales(x_mean, best))
+
+
+def test_clip_search_never_worse_and_applies():
+    torch.manual_seed(1)
+    x = torch.randn(400, 128)
+    w = torch.randn(24, 128)
+    w[0, 5] = 12.0  # an outlier weight: clipping should help its group
+    ratios = clip_ratio_grid(20, 0.5)
+    assert ratios[0] == 1.0 and len(ratios) == 10 and ratios[-1] > 0.5
+    max_val, best_r, before, after = search_clip(w, gram_diag_blocks(x, 64), 3, 64, True, ratios, chunk=7)
+    assert max_val.shape == (24, 2) and after <= before
+    assert best_r[0, 0] < 1.0
+    wc = w.clone()
+    apply_clip_(wc, max_val, 64)
+    assert float(wc.abs().max()) <= float(max_val.max()) + 1e-6
+    err = lambda v: gram_loss(pseudo_quantize(v, 3, 64) - w, gram(x))  # noqa: E731
+    assert err(wc) < err(w)
