@@ -211,6 +211,49 @@ def pack_by_spec(values):
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
+AUTOAWQ_PYTHON = Path(__file__).resolve().parents[1] / ".venv-peers" / "autoawq" / "bin" / "python"
+AUTOAWQ_READER = """
+import json, sys, torch
+from safetensors.torch import load_file
+from awq.utils.packing_utils import dequantize_gemm
+import awq.models.base as base
+from awq import AutoAWQForCausalLM
+ck, ref = sys.argv[1], load_file(sys.argv[2])
+t = load_file(ck + "/model.safetensors")
+worst = 0.0
+for k in [k for k in t if k.endswith(".qweight")]:
+    n = k[: -len(".qweight")]
+    w = dequantize_gemm(t[n + ".qweight"], t[n + ".qzeros"], t[n + ".scales"], 4, %d)  # W^T [K, N] in fp16
+    worst = max(worst, (w.float().t() - ref[n]).abs().max().item())
+base.get_best_device = lambda: "cuda:0"  # keeps AutoAWQ off its ipex-only CPU path; device_map below is the CPU
+m = AutoAWQForCausalLM.from_quantized(ck, fuse_layers=False, device_map={"": "cpu"}, dtype=torch.float16)
+with torch.no_grad():
+    logits = m.model(ref["ids"]).logits.float()
+print(json.dumps({"weights": worst, "layer": type(m.model.model.layers[0].self_attn.q_proj).__name__,
+                  "logits": (logits - ref["logits"]).abs().max().item()}))
+""" % G
+
+
+@pytest.mark.skipif(not AUTOAWQ_PYTHON.exists(), reason="AutoAWQ peer venv not set up (bash bench/peers/setup.sh autoawq)")
+def test_autoawq_reads_our_checkpoint(saved, tmp_path):
+    """AutoAWQ 0.2.9 itself (in its own venv) dequantizes our tensors to exactly the fake-quant
+    weights rounded to fp16, and loads the folder with WQLinear_GEMM; its fp16 logits agree with
+    ours within fp16 compute noise (1% of the largest |logit|)."""
+    import subprocess
+
+    ref = {n: weight_nk(m).half().float().contiguous() for n, m in find_quantizable(saved["fq16"]).items()}
+    loaded, _ = load_quantized(saved["out"], dtype=torch.float16)
+    ref.update(ids=IDS, logits=logits(loaded, IDS))
+    save_file(ref, str(tmp_path / "ref.safetensors"))
+    (tmp_path / "reader.py").write_text(AUTOAWQ_READER)
+    run = subprocess.run([str(AUTOAWQ_PYTHON), str(tmp_path / "reader.py"), str(saved["out"]), str(tmp_path / "ref.safetensors")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["weights"] == 0.0 and got["layer"] == "WQLinear_GEMM"
+    assert got["logits"] < 1e-2 * ref["logits"].abs().max().item()
+
+
 def test_sharded_untied_with_bias(tmp_path):
     model = tiny_llama(tie=False, bias=True, seed=1)
     out = save_quantized(model, None, tmp_path / "sharded", AWQConfig(group_size=G), max_shard_size="200KB")
