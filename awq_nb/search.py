@@ -104,7 +104,7 @@ def search_scales(
     for a in alphas:
         s = candidate_scales(x_mean, a, w_mean).to(weights[0].device)
         eff = [scaled_quantized(w, s, bits, group_size, zero_point) for w in weights]
-        loss = loss_fn(eff) if all(torch.isfinite(e).all() for e in eff) else math.inf
+        loss = loss_fn(eff)  # NaN/inf in a candidate weight propagates into its loss
         loss = loss if math.isfinite(loss) else math.inf
         losses.append(loss)
         if loss < best[0]:

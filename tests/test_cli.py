@@ -1,0 +1,66 @@
+"""The command line: JSON last line, one-line errors, no half-written folders."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, env=None):
+    e = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "awq_nb", *args], capture_output=True, text=True, env=e, timeout=900)
+
+
+def test_help_lists_options():
+    for cmd, opt in (("quantize", "--group-size"), ("eval", "--max-windows"), ("demo", "--windows")):
+        p = run(cmd, "--help")
+        assert p.returncode == 0 and opt in p.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["quantize", "no-such-org/no-such-model", "--out", "{out}"], "bundled offline model: gemma3-270m, smollm2-135m"),
+        (["quantize", "smollm2-135m", "--out", "{out}", "--w-bit", "9"], "w_bit=9 is not supported"),
+        (["quantize", "smollm2-135m", "--out", "{out}", "--group-size", "100"], "group_size=100 is not supported"),
+        (["quantize", "smollm2-135m", "--out", "{out}", "--calib", "/nonexistent/calib.txt"], "nor an existing file"),
+        (["quantize", "smollm2-135m", "--out", "{out}", "--group-size", "256"], "in_features=576, not a multiple of group_size=256"),
+        (["eval", "/nonexistent/model/dir"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, smollm2, args, message):
+    out = tmp_path / "out"
+    p = run(*[a.replace("{out}", str(out)) for a in args])
+    assert p.returncode == 2, p.stderr[-2000:]
+    err = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1 and message in err[0], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert not out.exists() and not [f for f in tmp_path.iterdir() if f.name.startswith(".out")]
+
+
+def test_debug_shows_traceback(tmp_path):
+    p = run("--debug", "quantize", "smollm2-135m", "--out", str(tmp_path / "o"), "--w-bit", "1")
+    assert p.returncode != 0 and "Traceback" in p.stderr
+
+
+def test_refuses_to_overwrite(tmp_path):
+    (tmp_path / "keep.txt").write_text("precious")
+    p = run("quantize", "smollm2-135m", "--out", str(tmp_path))
+    assert p.returncode == 2 and "not empty" in p.stderr
+    assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.slow
+def test_quantize_then_eval(tmp_path, smollm2):
+    out = tmp_path / "q"
+    p = run("quantize", "smollm2-135m", "--out", str(out), "--w-bit", "3", "--group-size", "64", "--fake-quant",
+            "--n-samples", "4", "--seqlen", "128", "--search-samples", "2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads(p.stdout.strip().splitlines()[-1])
+    assert s["out"] == str(out) and s["format"] == "fake-quant" and s["seconds"] > 0 and s["peak_memory_bytes"] > 1e8
+    assert (out / "awq_search.pt").exists() and (out / "config.json").exists()
+    e = run("eval", str(out), "--seqlen", "256", "--max-windows", "2")
+    assert e.returncode == 0, e.stderr[-3000:]
+    r = json.loads(e.stdout.strip().splitlines()[-1])
+    assert r["windows"] == 2 and r["tokens"] == 2 * 255 and 1 < r["perplexity"] < 200
