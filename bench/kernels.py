@@ -3,6 +3,8 @@
     python bench/kernels.py                      # GPU: all shapes x all M, then decode tokens/s
     python bench/kernels.py --quick              # CPU: a small subset in under a minute
     python bench/kernels.py --json out.json --markdown out.md
+    python bench/kernels.py --cpu-paths          # CPU strategies behind the dispatcher's CPU branch
+    python bench/kernels.py --compile-report 90  # no GPU needed: registers/spills of every candidate
 
 Per (K x N, M) row, side by side in one run:
 
@@ -119,19 +121,27 @@ class AwqLinear(nn.Module):
 
 
 def quantize_decoder(model: nn.Module) -> str:
-    """Replace every Linear inside ``model.model.layers`` in place; returns which module was used."""
-    linear_cls, label = AwqLinear, "bench AwqLinear (awq_matmul)"
-    try:  # the package's WQLinear, once it routes through the kernels' dispatcher
+    """Replace every Linear inside ``model.model.layers`` in place; returns which module was used.
+
+    Uses the package's ``WQLinear`` when it routes through the kernels' dispatcher (with its CPU
+    int4 weight prepared on CPU), else the minimal :class:`AwqLinear` above."""
+    make, label = AwqLinear, "bench AwqLinear (awq_matmul)"
+    try:
         from awq_nb import wqlinear
         from awq_nb.kernels import dispatch
 
-        if getattr(wqlinear, "awq_matmul", None) is dispatch.awq_matmul and next(model.parameters()).is_cuda:
-            linear_cls, label = (lambda m, g=GROUP_SIZE: wqlinear.WQLinear.from_linear(m, 4, g)), "awq_nb WQLinear"
+        if getattr(wqlinear, "awq_matmul", None) is dispatch.awq_matmul:
+            def make(linear):
+                module = wqlinear.WQLinear.from_linear(linear, 4, GROUP_SIZE)
+                if module.qweight.device.type == "cpu":
+                    module.prepare_cpu_int4()
+                return module
+            label = "awq_nb WQLinear (awq_matmul)"
     except ImportError:
         pass
     for name, module in list(model.model.layers.named_modules()):
         if isinstance(module, nn.Linear):
-            model.model.layers.set_submodule(name, linear_cls(module))
+            model.model.layers.set_submodule(name, make(module))
     return label
 
 
@@ -295,6 +305,64 @@ def cpu_paths(k: int, n: int, batches: list[int]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# compile report (needs no GPU: triton compiles for a named target; ptxas -v gives registers)
+
+
+def compile_report(capability: int) -> str:
+    """Compile every GPU autotune candidate (g=128, fp16, no bias) for sm_<capability>; list shared
+    memory, registers and spills. Run without TRITON_INTERPRET."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from awq_nb.kernels import dequant, gemm, gemv
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    ptxas = [os.path.join(bin_dir, name) for name in ("ptxas-blackwell", "ptxas") if os.path.exists(os.path.join(bin_dir, name))]
+    args = {"x_ptr": "*fp16", "qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16", "bias_ptr": "*fp16",
+            "out_ptr": "*fp16", "ws_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+            "stride_xk": "i32", "stride_qk": "i32", "stride_zk": "i32", "stride_sk": "i32", "stride_om": "i32"}
+    jobs = [("gemm", gemm._gemm_kernel, {**args, "M_BUCKET": "i32"},
+             {"GROUP_SIZE": 128, "HAS_BIAS": False, "DOT_DTYPE": tl.float16}, c) for c in gemm.configs(False)]
+    jobs += [("gemv", gemv._gemv_kernel, args, {"GROUP_SIZE": 128, "HAS_BIAS": False, "BLOCK_M": 1}, c)
+             for c in gemv.configs(False)]
+    jobs += [("dequant", dequant._dequantize_kernel,
+              {"qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16", "out_ptr": "*fp16", "K": "i32",
+               "N": "i32", "stride_qk": "i32", "stride_zk": "i32", "stride_sk": "i32", "stride_ok": "i32"},
+              {"GROUP_SIZE": 128}, c) for c in dequant.configs(False)]
+    arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+    lines = [f"Compile report for {arch} (triton {triton.__version__}; g=128, fp16, no bias, GEMV at BLOCK_M=1)", "",
+             "| kernel | config | warps | stages | shared bytes | registers | spill bytes |", "|---|---|---|---|---|---|---|"]
+    for name, fn, signature, fixed, config in jobs:
+        constexprs = {**fixed, **config.kwargs}
+        signature = {**signature, **{key: "constexpr" for key in constexprs}}
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", capability, 32),
+                                  options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        regs = spills = "?"
+        for tool in ptxas:
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+                f.write(compiled.asm["ptx"])
+                f.flush()
+                done = subprocess.run([tool, "-v", f"--gpu-name={arch}", f.name, "-o", os.devnull],
+                                      capture_output=True, text=True)
+            if done.returncode == 0:
+                regs = (re.findall(r"Used (\d+) registers", done.stderr) or ["?"])[0]
+                spills = (re.findall(r"(\d+) bytes spill stores", done.stderr) or ["?"])[0]
+                break
+        lines.append(f"| {name} | {config.kwargs} | {config.num_warps} | {config.num_stages} | "
+                     f"{compiled.metadata.shared} | {regs} | {spills} |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
 # output
 
 
@@ -348,7 +416,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", nargs="*", type=int, metavar="M", help="override the batch sizes")
     parser.add_argument("--cpu-paths", action="store_true",
                         help="only compare the CPU strategies (dequantize, cached dense, torch int4) and exit")
+    parser.add_argument("--compile-report", type=int, metavar="SM",
+                        help="compile the GPU candidates for sm_SM (e.g. 90) without a GPU, list registers/spills, exit")
     args = parser.parse_args(argv)
+    if args.compile_report:
+        text = compile_report(args.compile_report)
+        print("\n" + text)
+        return 0
     if args.cpu_paths:
         k, n = tuple(map(int, args.shapes[0].lower().split("x"))) if args.shapes else QUICK_SHAPES[0]
         text = cpu_paths(k, n, args.batches or QUICK_BATCHES)

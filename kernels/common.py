@@ -2,20 +2,20 @@
 
 Loading one weight tile
 -----------------------
-A kernel that needs ``W^T[k, n]`` for ``k`` in ``offs_k`` (BLOCK_K rows) and ``n`` in ``offs_n``
-(BLOCK_N columns) reads three tensors (``g = GROUP_SIZE``):
+A kernel that needs ``W^T[k, n]`` for the BLOCK_K rows from ``k_start`` and the BLOCK_N columns
+from ``n_start`` (both multiples of their block, BLOCK_N a multiple of 8) reads three tensors
+(``g = GROUP_SIZE``):
 
-* ``qweight [K, N/8]``: column ``n`` lives in word ``n // 8`` of row ``k``, so the pointer tile is
-  ``qweight_ptr + offs_k[:, None] * stride_qk + (offs_n // 8)[None, :]``. Eight neighbouring
-  columns read the same word; on a GPU those lanes are served by one memory transaction, so the
-  redundant addresses cost instructions, not bandwidth (gemlite does the same).
+* ``qweight [K, N/8]``: columns ``n_start .. n_start + BLOCK_N`` live in the BLOCK_N/8 words from
+  ``n_start / 8``, so the tile of *packed* words is
+  ``qweight_ptr + offs_k[:, None] * stride_qk + offs_w[None, :]`` with
+  ``offs_w = n_start / 8 + arange(BLOCK_N / 8)``. Loading packed words (not one word per column)
+  keeps the bytes staged in shared memory by the software pipeline at 4 bits per weight.
+  Three ``tl.interleave(w, w)`` then repeat every word 8 times in a row, giving the
+  ``[BLOCK_K, BLOCK_N]`` tile in which column ``n`` holds the word that contains it.
 * ``qzeros [K/g, N/8]`` and ``scales [K/g, N]``: row ``k // g``. When ``g`` is a multiple of
-  BLOCK_K (and the tile starts on a multiple of BLOCK_K) the whole tile sits in one group, so one
-  row ``[1, BLOCK_N]`` is loaded and broadcast; otherwise the row index is gathered per ``k``.
-
-The nibble holding column ``n`` is ``AWQ_REVERSE_ORDER[n % 8] = (j // 2) + 4 * (j % 2)`` with
-``j = n % 8`` (``0,4,1,5,2,6,3,7``), so its shift is 4 times that. ``>>`` on int32 is arithmetic
-(the top nibble drags the sign along), hence the ``& 0xF`` after shifting.
+  BLOCK_K the whole tile sits in one group, so one row ``[1, BLOCK_N]`` is loaded and broadcast;
+  otherwise the row index is gathered per ``k``.
 
 Dequantization is ``(q - z) * s`` in float32, rounded once to the dtype of ``scales``: the same
 rounding as :func:`awq_nb.kernels.reference.dequantize_ref`.
@@ -111,26 +111,38 @@ def dequantize_tile(qw, qz, s, shifts):
 
 
 @triton.jit
-def load_weight_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
-                     k_start, offs_k, offs_n, K, N,
-                     GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Load and dequantize ``W^T[offs_k, offs_n]`` (``k_start`` = first row, a multiple of BLOCK_K).
+def repeat_words_8(words):
+    """``[R, C]`` -> ``[R, 8 * C]``, each word repeated 8 times in a row (w0 x8, w1 x8, ...)."""
+    words = tl.interleave(words, words)
+    words = tl.interleave(words, words)
+    return tl.interleave(words, words)
 
+
+@triton.jit
+def load_weight_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
+                     k_start, n_start, K, N,
+                     GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Load and dequantize ``W^T[k_start : k_start + BLOCK_K, n_start : n_start + BLOCK_N]``.
+
+    ``k_start`` and ``n_start`` are multiples of BLOCK_K and BLOCK_N; BLOCK_N is a multiple of 8.
     Rows ``>= K`` and columns ``>= N`` come back as 0, so they add nothing to a dot product.
     Returns ``[BLOCK_K, BLOCK_N]`` in the scales' dtype.
     """
-    n_ok = offs_n < N
-    mask = (offs_k[:, None] < K) & n_ok[None, :]
-    word_n = offs_n // 8
-    qw = tl.load(qweight_ptr + offs_k[:, None] * stride_qk + word_n[None, :], mask=mask, other=0)
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    offs_w = n_start // 8 + tl.arange(0, BLOCK_N // 8)
+    k_ok = offs_k[:, None] < K
+    w_ok = offs_w[None, :] < N // 8  # N is a multiple of 8, so this is "column < N"
+    n_ok = offs_n[None, :] < N
+    qw = repeat_words_8(tl.load(qweight_ptr + offs_k[:, None] * stride_qk + offs_w[None, :], mask=k_ok & w_ok, other=0))
     if GROUP_SIZE % BLOCK_K == 0:
         # The tile lies in one group: load one row of zeros and scales and broadcast it.
         group = k_start // GROUP_SIZE
-        qz = tl.load(qzeros_ptr + group * stride_zk + word_n[None, :], mask=n_ok[None, :], other=0)
-        s = tl.load(scales_ptr + group * stride_sk + offs_n[None, :], mask=n_ok[None, :], other=0)
+        qz = repeat_words_8(tl.load(qzeros_ptr + group * stride_zk + offs_w[None, :], mask=w_ok, other=0))
+        s = tl.load(scales_ptr + group * stride_sk + offs_n[None, :], mask=n_ok, other=0)
     else:
         # BLOCK_K spans several groups: gather the group row for every k.
         group = offs_k[:, None] // GROUP_SIZE
-        qz = tl.load(qzeros_ptr + group * stride_zk + word_n[None, :], mask=mask, other=0)
-        s = tl.load(scales_ptr + group * stride_sk + offs_n[None, :], mask=mask, other=0)
+        qz = repeat_words_8(tl.load(qzeros_ptr + group * stride_zk + offs_w[None, :], mask=k_ok & w_ok, other=0))
+        s = tl.load(scales_ptr + group * stride_sk + offs_n[None, :], mask=k_ok & n_ok, other=0)
     return dequantize_tile(qw, qz, s, awq_shifts(offs_n))

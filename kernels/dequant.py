@@ -53,11 +53,10 @@ def _dequantize_kernel(
 ):
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
-    k_start = pid_k * BLOCK_K
-    offs_k = k_start + tl.arange(0, BLOCK_K)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     w = load_weight_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
-                         k_start, offs_k, offs_n, K, N, GROUP_SIZE, BLOCK_K)
+                         pid_k * BLOCK_K, pid_n * BLOCK_N, K, N, GROUP_SIZE, BLOCK_K, BLOCK_N)
     mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
     tl.store(out_ptr + offs_k[:, None] * stride_ok + offs_n[None, :], w, mask=mask)
 

@@ -101,7 +101,7 @@ def _gemv_kernel(
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
         w = load_weight_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
-                             k_start, offs_k, offs_n, K, N, GROUP_SIZE, BLOCK_K).to(tl.float32)
+                             k_start, pid_n * BLOCK_N, K, N, GROUP_SIZE, BLOCK_K, BLOCK_N).to(tl.float32)
         acc += tl.sum(a[:, :, None] * w[None, :, :], axis=1)
 
     mask = m_ok[:, None] & (offs_n[None, :] < N)
