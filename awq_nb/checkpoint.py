@@ -272,7 +272,8 @@ def read_quant_config(path: str | Path) -> dict:
                          "AWQ checkpoint. Load it with transformers, or quantize it with awq_nb first.")
     method = str(raw.get("quant_method", "")).lower()
     if method != QUANT_METHOD:
-        raise AwqNbError(f"{source}: quant_method={raw.get('quant_method')!r} is not 'awq'; awq_nb loads AWQ checkpoints only.")
+        raise AwqNbError(f"{source}: quant_method={raw.get('quant_method')!r} is not 'awq'; awq_nb loads AWQ "
+                         "checkpoints only.")
     version = str(raw.get("version", raw.get("format", FORMAT_VERSION))).lower()
     if version != FORMAT_VERSION:
         raise AwqNbError(f"{source}: AWQ version {version!r} is not supported; awq_nb reads the 'gemm' layout only "
@@ -383,13 +384,16 @@ def _check_tensors(model: nn.Module, located: dict[str, Path], quant: dict, path
                          "not quantized (modules_to_not_convert, or not a decoder Linear); fix modules_to_not_convert.")
     if unexpected:
         warnings.warn(f"ignoring {len(unexpected)} checkpoint tensors the model does not use, e.g. {unexpected[:3]}")
+    handles = {f: _open(f) for f in set(located.values())}
     for key, ref in expected.items():
         if key not in located:
             continue
-        sl = _open(located[key]).get_slice(key)
+        sl = handles[located[key]].get_slice(key)
         shape, st_dtype = tuple(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype())
         if shape != tuple(ref.shape):
-            layout = " ('gemm' layout: qweight [K, N/8], qzeros [K/g, N/8], scales [K/g, N])" if key.rpartition(".")[2] in QUANT_SUFFIXES else ""
+            layout = ""
+            if key.rpartition(".")[2] in QUANT_SUFFIXES:
+                layout = " ('gemm' layout: qweight [K, N/8], qzeros [K/g, N/8], scales [K/g, N])"
             raise AwqNbError(f"{located[key].name}: tensor {key!r} has shape {list(shape)}, expected {list(ref.shape)} "
                              f"for group_size={quant['group_size']}{layout}; config.json and the tensors disagree: "
                              "re-export the checkpoint.")
@@ -405,8 +409,9 @@ def _check_tensors(model: nn.Module, located: dict[str, Path], quant: dict, path
 def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float16):
     """Load an AWQ "gemm" checkpoint (ours or AutoAWQ's) as ``(model, tokenizer)``.
 
-    Floating-point tensors (and the scales) are cast to ``dtype``; the packed ints stay int32. The
-    tokenizer is None when the folder has no tokenizer files. Raises :class:`AwqNbError` naming the
+    Floating-point tensors (and the scales) are cast to ``dtype``; the packed ints stay int32
+    (fp16 scales are exact in fp32, rounded again in bf16). The tokenizer is None when the folder
+    has no tokenizer files. Raises :class:`AwqNbError` naming the
     file or tensor at fault for inconsistent or corrupt checkpoints.
     """
     from transformers import AutoTokenizer
@@ -428,7 +433,8 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
             try:
                 t = f.get_tensor(key)
             except SafetensorError as e:
-                raise AwqNbError(f"{file.name}: cannot read tensor {key!r} ({e}); the file is corrupt: fetch it again.") from None
+                raise AwqNbError(f"{file.name}: cannot read tensor {key!r} ({e}); the file is corrupt: "
+                                 "fetch it again.") from None
             state[key] = (t.to(dtype) if t.is_floating_point() else t).to(device)
         model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()

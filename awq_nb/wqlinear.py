@@ -19,7 +19,6 @@ from torch import nn
 
 from .arch import find_quantizable, weight_nk
 from .config import AWQConfig
-from .errors import AwqNbError
 from .kernels.layout import PACK_FACTOR
 from .kernels.cpu import int4_cpu_supported, prepare_cpu_int4 as _prepare_cpu_int4
 from .kernels.dispatch import awq_matmul

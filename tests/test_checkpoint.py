@@ -29,6 +29,16 @@ from awq_nb.quantizer import dequantize_int, pseudo_quantize, quant_params, quan
 from awq_nb.wqlinear import WQLinear, replace_with_wqlinear
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on this shared 2-core box, small ops with 2 threads mostly wait on each
+    other (a tiny model's greedy decode runs ~25x faster with 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 G = 64
 AWQ_ORDER_FROM_SPEC = [0, 2, 4, 6, 1, 3, 5, 7]  # shared/AWQ_FORMAT.md, written out independently of kernels/
 
@@ -246,8 +256,9 @@ def test_autoawq_reads_our_checkpoint(saved, tmp_path):
     ref.update(ids=IDS, logits=logits(loaded, IDS))
     save_file(ref, str(tmp_path / "ref.safetensors"))
     (tmp_path / "reader.py").write_text(AUTOAWQ_READER)
-    run = subprocess.run([str(AUTOAWQ_PYTHON), str(tmp_path / "reader.py"), str(saved["out"]), str(tmp_path / "ref.safetensors")],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    cmd = [str(AUTOAWQ_PYTHON), str(tmp_path / "reader.py"), str(saved["out"]), str(tmp_path / "ref.safetensors")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert got["weights"] == 0.0 and got["layer"] == "WQLinear_GEMM"
@@ -355,36 +366,70 @@ def _edit_tensors(path: Path, fn):
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
-def _corrupt_cases():
-    k = "model.layers.1.mlp.up_proj"
-    return {
-        "missing tensor": (lambda p: _edit_tensors(p, lambda t: t.pop(f"{k}.qzeros")), f"lacks tensor '{k}.qzeros'"),
-        "gemv-shaped qweight": (lambda p: _edit_tensors(p, lambda t: t.update({f"{k}.qweight": t[f"{k}.qweight"].reshape(256, 16)})),
-                                rf"'{k}.qweight' has shape \[256, 16\], expected \[128, 32\]"),
-        "int64 qweight": (lambda p: _edit_tensors(p, lambda t: t.update({f"{k}.qweight": t[f"{k}.qweight"].long()})),
-                          "has dtype I64, expected I32"),
-        "unquantized but not listed": (lambda p: _edit_tensors(p, lambda t: [t.pop(f"{k}.{s}") for s in ("qweight", "qzeros", "scales")]
-                                                               and t.update({f"{k}.weight": torch.zeros(256, 128, dtype=torch.float16)})),
-                                       "add it to quantization_config.modules_to_not_convert"),
-        "wrong group size": (lambda p: _edit_config(p, group_size=32), r"expected \[4, 16\] for group_size=32"),
-        "gptq": (lambda p: _edit_config(p, quant_method="gptq"), "quant_method='gptq' is not 'awq'"),
-        "gemv": (lambda p: _edit_config(p, version="gemv"), "version 'gemv' is not supported"),
-        "marlin": (lambda p: _edit_config(p, version="marlin"), "version 'marlin' is not supported"),
-        "3 bits": (lambda p: _edit_config(p, bits=3), "4-bit codes only"),
-        "symmetric": (lambda p: _edit_config(p, zero_point=False), "symmetric"),
-        "truncated file": (lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:5000]),
-                           "model.safetensors is not a readable safetensors file"),
-        "no quantization_config": (lambda p: (p / "config.json").write_text(json.dumps({**json.loads((p / "config.json").read_text()), "quantization_config": None})),
-                                   "not an AWQ checkpoint"),
-        "pickle only": (lambda p: ((p / "model.safetensors").rename(p / "pytorch_model.bin")), "never unpickles"),
-        "missing shard": (lambda p: (p / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00002-of-00002.safetensors"}})),
-                          "lists model-00002-of-00002.safetensors, which is missing"),
-    }
+K = "model.layers.1.mlp.up_proj"  # the layer the corruptions below damage
 
 
-@pytest.mark.parametrize("case", list(_corrupt_cases()))
+def _drop_qzeros(t):
+    t.pop(f"{K}.qzeros")
+
+
+def _gemv_shaped_qweight(t):  # [K, N/8] = [128, 32] stored as [256, 16]
+    t[f"{K}.qweight"] = t[f"{K}.qweight"].reshape(256, 16)
+
+
+def _int64_qweight(t):
+    t[f"{K}.qweight"] = t[f"{K}.qweight"].long()
+
+
+def _unquantized_layer(t):
+    for suffix in ("qweight", "qzeros", "scales"):
+        t.pop(f"{K}.{suffix}")
+    t[f"{K}.weight"] = torch.zeros(256, 128, dtype=torch.float16)
+
+
+def _truncate(path):
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:5000])
+
+
+def _drop_quantization_config(path):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = None
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def _pickle_only(path):
+    (path / "model.safetensors").rename(path / "pytorch_model.bin")
+
+
+def _index_with_missing_shard(path):
+    index = {"weight_map": {"a": "model-00002-of-00002.safetensors"}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+CORRUPTIONS = {  # name: (damage the copied folder, expected error)
+    "missing tensor": (lambda p: _edit_tensors(p, _drop_qzeros), f"lacks tensor '{K}.qzeros'"),
+    "gemv-shaped qweight": (lambda p: _edit_tensors(p, _gemv_shaped_qweight),
+                            rf"'{K}.qweight' has shape \[256, 16\], expected \[128, 32\]"),
+    "int64 qweight": (lambda p: _edit_tensors(p, _int64_qweight), "has dtype I64, expected I32"),
+    "unquantized but not listed": (lambda p: _edit_tensors(p, _unquantized_layer),
+                                   "add it to quantization_config.modules_to_not_convert"),
+    "wrong group size": (lambda p: _edit_config(p, group_size=32), r"expected \[4, 16\] for group_size=32"),
+    "gptq": (lambda p: _edit_config(p, quant_method="gptq"), "quant_method='gptq' is not 'awq'"),
+    "gemv": (lambda p: _edit_config(p, version="gemv"), "version 'gemv' is not supported"),
+    "marlin": (lambda p: _edit_config(p, version="marlin"), "version 'marlin' is not supported"),
+    "3 bits": (lambda p: _edit_config(p, bits=3), "4-bit codes only"),
+    "symmetric": (lambda p: _edit_config(p, zero_point=False), "symmetric"),
+    "truncated file": (_truncate, "model.safetensors is not a readable safetensors file"),
+    "no quantization_config": (_drop_quantization_config, "not an AWQ checkpoint"),
+    "pickle only": (_pickle_only, "never unpickles"),
+    "missing shard": (_index_with_missing_shard, "lists model-00002-of-00002.safetensors, which is missing"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
 def test_corrupt_checkpoints_give_clear_errors(tmp_path, saved, case):
-    corrupt, match = _corrupt_cases()[case]
+    corrupt, match = CORRUPTIONS[case]
     path = _copy(saved["out"], tmp_path / "bad")
     corrupt(path)
     with pytest.raises(AwqNbError, match=match):

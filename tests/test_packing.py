@@ -12,6 +12,16 @@ from awq_nb.quantizer import dequantize_int, pseudo_quantize, quant_params, quan
 from awq_nb.wqlinear import WQLinear, matches_any, prepare_cpu_int4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on this shared 2-core box, small ops with 2 threads mostly wait on each
+    other (a tiny model's greedy decode runs ~25x faster with 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def int32_word(hex_word: int) -> int:
     """The signed int32 that has the bit pattern ``hex_word`` (0..2**32-1)."""
     return hex_word - 2**32 if hex_word >= 2**31 else hex_word
