@@ -119,6 +119,9 @@ def cmd_quantize(a) -> dict:
             "peak_memory_bytes": _peak_memory(a.device), "n_samples": a.n_samples, "seqlen": a.seqlen,
         }
         (tmp / "awq_nb_summary.json").write_text(json.dumps(summary, indent=2))
+        for f in tmp.iterdir():  # mkdtemp made everything private; a model folder is for sharing
+            f.chmod(0o644)
+        tmp.chmod(0o755)
         if out.exists():
             out.rmdir()
         tmp.rename(out)
