@@ -11,6 +11,7 @@ import argparse
 import json
 import resource
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -84,9 +85,55 @@ def write_dense_folder(src: Path, out: Path, state_dict: dict[str, torch.Tensor]
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads) so far.
+
+    Reported beside wall time: on this shared 2-core machine wall time swings with other
+    people's load, CPU time much less (though spin-waiting threads still inflate it).
+    """
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class BlockClock:
+    """Per-block wall times from a peer method that runs once per decoder block.
+
+    `wrap(cls, name, at, when)` wraps cls.name so that each call records perf_counter() at its
+    start (at="start": the method opens a block) or end (at="end": it closes one); with
+    `when(*args, **kwargs)` given, only calls for which it is true (checked before the call)
+    count. The wrapper only times; it changes no argument and no result.
+    `block_seconds(t0, t1)` gives one duration per block, with t0/t1 the start/end of the
+    timed region.
+    """
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+        self.at = "start"
+
+    def wrap(self, cls, name: str, at: str, when=None) -> str:
+        original = getattr(cls, name)
+        stamps, self.at = self.stamps, at
+
+        def timed(*args, **kwargs):
+            count = when is None or when(*args, **kwargs)
+            if count and at == "start":
+                stamps.append(time.perf_counter())
+            out = original(*args, **kwargs)
+            if count and at == "end":
+                stamps.append(time.perf_counter())
+            return out
+
+        setattr(cls, name, timed)
+        return f"{cls.__name__}.{name} wrapped to record a timestamp at its {at} (timing only)"
+
+    def block_seconds(self, t0: float, t1: float) -> list[float]:
+        edges = self.stamps + [t1] if self.at == "start" else [t0] + self.stamps
+        return [round(b - a, 3) for a, b in zip(edges[:-1], edges[1:])]
 
 
 def write_peer_json(out: Path, record: dict) -> None:

@@ -63,8 +63,8 @@ def fake_quantize_(awq_model) -> int:
     q = awq_model.quantizer
     n = 0
     for layer in q.modules:
-        linears = exclude_layers_to_not_quantize(get_named_linears(layer), q.modules_to_not_convert)
-        for lin in linears.values():
+        linears = get_named_linears(layer)
+        for lin in exclude_layers_to_not_quantize(linears, q.modules_to_not_convert).values():
             lin.weight.data = q.pseudo_quantize_tensor(lin.weight.data)[0]
             n += 1
     return n
@@ -83,12 +83,14 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     patch_snapshot_clone(AwqQuantizer)
+    clock = peer_common.BlockClock()
+    instrumentation = [clock.wrap(AwqQuantizer, "_get_input_feat", at="start")]
     tok = AutoTokenizer.from_pretrained(a.model)
     model = AutoAWQForCausalLM.from_pretrained(str(a.model), torch_dtype=torch.float32)
     quant_config = {"zero_point": True, "q_group_size": a.group_size, "w_bit": a.w_bit,
                     "version": "GEMM"}
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), peer_common.cpu_seconds()
     prof = cProfile.Profile() if a.profile else None
     if prof:
         prof.enable()
@@ -98,11 +100,13 @@ def main() -> None:
     model.quantize(tok, quant_config=quant_config, calib_data=calib,
                    max_calib_samples=n_samples, max_calib_seq_len=seqlen,
                    export_compatible=True)
+    t_loop_end = time.perf_counter()
     n_linear = fake_quantize_(model)
     if prof:
         prof.disable()
         prof.dump_stats(str(a.profile))
     seconds = time.perf_counter() - t0
+    cpu_seconds = peer_common.cpu_seconds() - c0
 
     peer_common.write_dense_folder(a.model, a.out, model.model.state_dict())
     n_layers = len(model.quantizer.modules)
@@ -110,7 +114,9 @@ def main() -> None:
         "peer": "autoawq",
         "version": md.version("autoawq"),
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "seconds_per_block": seconds / n_layers,
+        "block_seconds": clock.block_seconds(t0, t_loop_end),
         "peak_rss_bytes": peer_common.peak_rss_bytes(),
         "w_bit": a.w_bit,
         "group_size": a.group_size,
@@ -127,6 +133,7 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
         },
         "patches": PATCHES,
+        "instrumentation": instrumentation,
     })
     print(f"autoawq: {n_layers} blocks, {n_linear} Linear, {seconds:.1f}s "
           f"({seconds / n_layers:.1f}s/block) -> {a.out}")

