@@ -6,9 +6,9 @@ CPU), turns on inline figures (the :mod:`awq_nb.viz` plots return bare Figures, 
 only draws with the inline backend on) and chooses a :class:`Budget`:
 
 * ``AWQ_NB_FAST=1`` (CI, a quick look): the bundled offline SmolLM2, 8 x 128 calibration tokens,
-  4 x 256 evaluation tokens, a coarse search, and quantization experiments restricted to the
-  first ``FAST.blocks`` decoder blocks (the others stay in floating point): the AWQ search of all
-  30 blocks takes several minutes on a 2-core CPU, 6 blocks about 20 seconds.
+  3 x 256 evaluation tokens, a coarse search, and AWQ searches restricted to the first
+  ``FAST.blocks`` decoder blocks (the others stay in floating point): the search of all 30 blocks
+  takes several minutes on a shared 2-core CPU, 6 blocks 15-30 seconds.
 * otherwise: the paper's budget (128 x 512 calibration tokens, 40 x 1024 evaluation tokens, full
   grids, every block) on the hub SmolLM2 (Colab has a network); ``AWQ_NB_MODEL`` overrides the model.
 """
@@ -39,7 +39,8 @@ class Budget:
     Calibration: ``n_samples`` windows of ``seqlen`` tokens from ``calib``. Evaluation:
     ``eval_windows`` windows of ``eval_seqlen`` tokens from ``eval_data``. Search:
     ``n_grid`` alphas, ``clip_grid`` (clip grid steps), ``search_samples`` sequences replayed
-    per candidate. ``blocks``: quantize only the first ``blocks`` decoder blocks (None: all).
+    per candidate. ``blocks``: AWQ searches (and the experiments compared with them) quantize only
+    the first ``blocks`` decoder blocks (None: all).
     """
 
     model: str
@@ -60,7 +61,7 @@ FULL = Budget(model="HuggingFaceTB/SmolLM2-135M-Instruct", calib="sotu", n_sampl
               search_samples=16, blocks=None)
 # The 1980s speeches alone give 8 x 128 tokens and tokenize in a second (all of 1900-1989: ~10 s).
 FAST = Budget(model="smollm2-135m", calib="sotu:1980-1989", n_samples=8, seqlen=128,
-              eval_data="sotu", eval_seqlen=256, eval_windows=4, n_grid=10, clip_grid=10,
+              eval_data="sotu", eval_seqlen=256, eval_windows=3, n_grid=10, clip_grid=10,
               search_samples=4, blocks=6)
 
 
