@@ -204,7 +204,7 @@ def plot_alpha_heatmap(result: AWQResult | list[ScaleRecord], ax=None):
     if not recs:
         raise AwqNbError("no scale records to plot: run awq_nb.search first.")
     m, rows, cols = _grid(recs, lambda r: r.block, group_label, lambda r: r.best_alpha)
-    fig, ax = _axes(ax, figsize=(6.0, max(3.0, 0.18 * len(rows) + 1.5)))
+    fig, ax = _axes(ax, figsize=(6.0, max(3.0, 0.12 * len(rows) + 1.5)))
     _heatmap(ax, m, rows, cols, "viridis", 0.0, 1.0, "chosen alpha")
     _finish(ax, "Chosen alpha per block and scaling group\n"
                 "0 = plain rounding, 1 = scale fully by activation magnitude",
@@ -217,7 +217,7 @@ def plot_clip_ratios(clips: list[ClipRecord], ax=None, kind: str = "heat"):
     or with ``kind="hist"`` the distribution over all groups, one histogram per Linear name."""
     if not clips:
         raise AwqNbError("no clip records to plot: run the search with AWQConfig(clip=True).")
-    fig, ax = _axes(ax, figsize=(6.0, 3.6) if kind == "hist" else (6.0, max(3.0, 0.18 * len({c.block for c in clips}) + 1.5)))
+    fig, ax = _axes(ax, figsize=(6.0, 3.6) if kind == "hist" else (6.0, max(3.0, 0.12 * len({c.block for c in clips}) + 1.5)))
     lo = min(min(c.ratio_grid) for c in clips)
     if kind == "heat":
         m, rows, cols = _grid(clips, lambda c: c.block, lambda c: short_name(c.layer),
