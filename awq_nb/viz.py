@@ -287,8 +287,11 @@ def plot_methods(rows: list[dict], ax=None):
     if not rows:
         raise AwqNbError("no rows to plot: pass [{'method', 'perplexity', 'size_bytes'}, ...].")
     fig, ax = _axes(ax, figsize=(5.0, 3.4))
-    colors = [FP_COLOR if "fp" in r["method"].lower() or "bf16" in r["method"].lower()
-              else AWQ_COLOR if "awq" in r["method"].lower() else RTN_COLOR for r in rows]
+    def color(method: str) -> str:
+        m = method.lower()
+        return FP_COLOR if m.startswith(("fp", "bf16", "float")) else AWQ_COLOR if "awq" in m else RTN_COLOR
+
+    colors = [color(r["method"]) for r in rows]
     bars = ax.bar([r["method"] for r in rows], [r["perplexity"] for r in rows], color=colors, gid="data")
     for bar, r in zip(bars, rows):
         if r.get("size_bytes"):

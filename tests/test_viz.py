@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.collections import PathCollection
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
 from awq_nb import viz
@@ -177,6 +178,9 @@ def test_methods_bars_and_sizes():
     ax = viz.plot_methods(rows).axes[0]
     assert [p.get_height() for p in ax.patches] == [12.3, 15.1, 13.4]
     assert [t.get_text() for t in ax.texts] == ["270 MB", "90 MB", "90 MB"]
+    assert [p.get_facecolor()[:3] for p in ax.patches] == [to_rgb(viz.FP_COLOR), to_rgb(viz.RTN_COLOR), to_rgb(viz.AWQ_COLOR)]
+    ax = viz.plot_methods([{"method": "RTN + 1% salient in fp16", "perplexity": 14.0}]).axes[0]
+    assert ax.patches[0].get_facecolor()[:3] == to_rgb(viz.RTN_COLOR) and not ax.texts
 
 
 def test_kernel_speedup_lines_per_shape():
