@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="fp vs round-to-nearest vs AWQ on one model, printed as a table (offline by default)")
     d.add_argument("model", nargs="?", default="smollm2-135m")
     d.add_argument("--w-bit", type=int, default=4)
-    d.add_argument("--group-size", type=int, default=128)
+    d.add_argument("--group-size", type=int, default=64, help="default 64: SmolLM2's hidden size 576 is not a multiple of 128")
     d.add_argument("--n-samples", type=int, default=32)
     d.add_argument("--seqlen", type=int, default=512)
     d.add_argument("--windows", type=int, default=16, help="1024-token evaluation windows of the 1990+ speeches")

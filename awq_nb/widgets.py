@@ -158,9 +158,17 @@ def default_figures(outcome: RunOutcome) -> list:
 
 
 def default_saver(outcome: RunOutcome, out_dir: str) -> str:
-    from . import save_quantized
+    """Write the INT4 checkpoint. The model on screen is fake-quantized, so reload the floating
+    point weights and fold the same search result in: the packed codes are then exactly those
+    the search chose, not a re-rounding of already rounded weights."""
+    from . import AWQConfig, apply_awq, load_model, save_quantized
 
-    save_quantized(outcome.model, outcome.tokenizer, out_dir)
+    r = outcome.result
+    if r is None or not r.model_name:
+        raise AwqNbError("nothing to save: this run produced no AWQ result.")
+    model, tok = load_model(r.model_name)
+    apply_awq(model, r)
+    save_quantized(model, tok, out_dir, config=AWQConfig(**r.config))
     return out_dir
 
 
