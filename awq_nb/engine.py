@@ -241,7 +241,7 @@ def search(
         prefix = f"{spec.blocks}.{i}"
         linears = block_linears(block)
         inspect = {rg.group.inspect: rg.inspect for rg in resolve_groups(block, spec) if not is_linear(rg.inspect)}
-        gram_for = {n for n in linears if n not in spec.skip_clip} if config.clip else set()
+        gram_for = {n for n in linears if n not in spec.skip_clip and not _kept(f"{prefix}.{n}", keep)} if config.clip else set()
         args, kwargs = cast_floats(inp.args[i], device=device), cast_floats(inp.kwargs[i], device=device)
         tr = trace_block(block, linears, inspect, hidden, args, kwargs, config.block_chunk, config.search_samples, gram_for, config.group_size)
         scales, clips, errors = _search_block(i, block, spec, tr, config, prefix, keep)
