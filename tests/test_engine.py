@@ -114,7 +114,7 @@ def test_fp16_and_bf16_models_quantize():
 def test_smollm2_awq_beats_rtn_on_sotu(smollm2):
     """Real weights, real text: AWQ's perplexity on held-out speeches beats round-to-nearest."""
     model, tok = smollm2
-    cfg = awq_nb.AWQConfig(w_bit=3, group_size=128, n_grid=10, search_samples=8)
+    cfg = awq_nb.AWQConfig(w_bit=3, group_size=64, n_grid=10, search_samples=8)
     calib = awq_nb.calibration_blocks(tok, "sotu", n_samples=16, seqlen=256)
     windows = awq_nb.eval_windows(tok, "sotu", seqlen=512, max_windows=6)
     fp = perplexity(model, windows=windows)["perplexity"]
