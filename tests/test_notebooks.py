@@ -69,3 +69,92 @@ def test_notebook_runs(path: Path, tmp_path, monkeypatch):
     print(f"{path.name}: {time.perf_counter() - start:.0f} s")
     if path.name not in NO_PLOT_NEEDED:
         assert _pngs(nb) >= 1, f"{path.name} drew no figure (no image/png output)"
+
+
+# -- awq_nb.nb, the notebooks' shared helpers (fast, on a tiny random Llama) --------------------------
+
+def _tiny_llama(layers: int = 3):
+    from tiny_models import tiny_model
+
+    return tiny_model("llama", layers=layers)
+
+
+def test_budget_follows_the_environment():
+    from dataclasses import replace
+
+    from awq_nb import nb
+
+    assert nb.budget({}) == nb.FULL
+    assert nb.budget({"AWQ_NB_FAST": "0"}) == nb.FULL
+    assert nb.budget({"AWQ_NB_FAST": "1"}) == nb.FAST
+    assert nb.budget({"AWQ_NB_FAST": "1", "AWQ_NB_MODEL": "gemma3-270m"}) == replace(nb.FAST, model="gemma3-270m")
+
+
+def test_setup_notebook_outside_ipython(capsys):
+    from awq_nb import nb
+
+    env = nb.setup_notebook(environ={"AWQ_NB_FAST": "1", "AWQ_NB_OUT": "/tmp/x"})
+    assert env.fast and env.budget == nb.FAST and str(env.out_dir) == "/tmp/x"
+    assert "FAST budget" in capsys.readouterr().out
+
+
+def test_budget_blocks_limit_what_is_quantized():
+    from dataclasses import replace
+
+    import torch
+
+    import awq_nb
+    from awq_nb import nb
+    from awq_nb.arch import find_quantizable, weight_nk
+
+    model = _tiny_llama(layers=3)
+    budget = replace(nb.FAST, blocks=1)
+    names = nb.quantized_names(model, budget)
+    assert names and all(n.startswith("model.layers.0.") for n in names)
+    assert len(nb.quantized_names(model, replace(budget, blocks=None))) == len(find_quantizable(model))
+    config = nb.awq_config(model, budget, w_bit=4, group_size=32)
+    assert (config.n_grid, config.search_samples, config.group_size) == (budget.n_grid, budget.search_samples, 32)
+    before = {n: weight_nk(m).clone() for n, m in find_quantizable(model).items()}
+    awq_nb.fake_quantize(model, config)
+    for n, m in find_quantizable(model).items():
+        assert torch.equal(weight_nk(m), before[n]) == (n not in names), n
+
+
+def test_edited_weights_restores_even_after_an_error():
+    import torch
+
+    from awq_nb import nb
+    from awq_nb.arch import find_quantizable, weight_nk
+
+    model = _tiny_llama(layers=1)
+    name = next(iter(find_quantizable(model)))
+    w = weight_nk(find_quantizable(model)[name])
+    original = w.clone()
+    with pytest.raises(RuntimeError):
+        with nb.edited_weights(model, lambda n, x: torch.zeros_like(x), [name]):
+            assert torch.count_nonzero(w) == 0
+            raise RuntimeError("inside the block")
+    assert torch.equal(w, original)
+
+
+def test_activation_stats_per_input_channel():
+    import torch
+
+    from awq_nb import nb
+
+    model = _tiny_llama(layers=2)
+    tokens = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(0))
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"]
+    stats = nb.activation_stats(model, tokens, names)
+    assert list(stats) == names
+    q, k, down = (stats[n] for n in names)
+    assert q.mean_abs.shape == (64,) and down.mean_abs.shape == (128,) and q.tokens == 30
+    assert torch.equal(q.mean_abs, k.mean_abs)  # q and k read the same normed input
+    assert bool((q.mean_abs <= q.max_abs).all())
+
+
+def test_plot_curves_draws_one_line_per_curve():
+    from awq_nb import nb
+
+    fig = nb.plot_curves([1, 2, 3], {"a": [1, 2, 3], "b": [3, 2, 1]}, "title", "x", "y", logy=True)
+    assert len([l for l in fig.axes[0].get_lines() if l.get_gid() == "data"]) == 2
