@@ -99,7 +99,10 @@ def test_ui_renders_and_runs_with_a_fake_runner(tmp_path):
 
 def _real_notebook(tmp_path: Path) -> tuple[Path, str]:
     if QUICKSTART.exists() and "awq_app(" in QUICKSTART.read_text():
-        return QUICKSTART.parent, QUICKSTART.name
+        # serve a copy: JupyterLab saves what it runs, and the committed notebook must stay output-free
+        copy = tmp_path / QUICKSTART.name
+        copy.write_text(QUICKSTART.read_text())
+        return tmp_path, copy.name
     return tmp_path, write_notebook(tmp_path / "quickstart_app.ipynb", ["from awq_nb.widgets import awq_app\nawq_app()"]).name
 
 
