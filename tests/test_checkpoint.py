@@ -31,14 +31,7 @@ from awq_nb.wqlinear import WQLinear, replace_with_wqlinear
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on this shared 2-core box, small ops with 2 threads mostly wait on each
-    other (a tiny model's greedy decode runs ~25x faster with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 G = 64
 AWQ_ORDER_FROM_SPEC = [0, 2, 4, 6, 1, 3, 5, 7]  # shared/AWQ_FORMAT.md, written out independently of kernels/
 

@@ -12,14 +12,7 @@ from awq_nb.quantizer import dequantize_int, pseudo_quantize, quant_params, quan
 from awq_nb.wqlinear import WQLinear, matches_any, prepare_cpu_int4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on this shared 2-core box, small ops with 2 threads mostly wait on each
-    other (a tiny model's greedy decode runs ~25x faster with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def int32_word(hex_word: int) -> int:
