@@ -26,9 +26,9 @@ decoder replaced; lm_head stays dense). ``--quick`` uses a tiny Llama on CPU.
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -49,10 +49,12 @@ SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 409
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096]
 QUICK_SHAPES = [(4096, 4096)]
 QUICK_BATCHES = [1, 8, 64]
+DRY_SHAPES = [(256, 512)]
+DRY_BATCHES = [1, 3, 17]
+MAX_REL_ERR = 1e-2          # any strategy above this (vs x @ dequantized W in fp32) fails the run
 GROUP_SIZE = 128
 CPU_REPS = 5
 GEMV_FORCED_MAX_M = 8      # the GEMV kernel's limit (kernels/gemv.py MAX_ROWS)
-DECODE_LAYERS_GPU = 8      # of Llama-7B's 32: enough to be weight-bound, quick to build
 DECODE_TOKENS_GPU = 64
 DECODE_PROMPT = 16
 
@@ -61,12 +63,12 @@ DECODE_PROMPT = 16
 class Row:
     shape: str
     m: int
-    kernel: str
-    awq_ms: float
+    kernel: str                 # what awq_matmul's dispatcher picks for this M
+    awq_ms: float               # the time of that kernel
     dense_ms: float
-    deq_mm_ms: float
-    gemv_ms: float | None = None
-    gemm_ms: float | None = None
+    times_ms: dict              # every INT4 strategy timed for this row
+    rel_err: dict               # ||out - ref|| / ||ref|| per strategy, ref = x @ dequantized W in fp32
+    best: str = ""
     awq_gbps: float = 0.0
     awq_tflops: float = 0.0
     dense_gbps: float = 0.0
@@ -76,12 +78,15 @@ class Row:
 
 @dataclass
 class Decode:
+    model: str
     layers: int
     tokens: int
     device: str
+    mode: str                   # "cuda graph" (StaticDecoder) or "eager" (transformers forward + KV cache)
     fp_tokens_per_s: float
     awq_tokens_per_s: float
     linear: str
+    note: str = ""
     speedup: float = field(init=False)
 
     def __post_init__(self):
@@ -101,119 +106,148 @@ def quantize_weight(w: torch.Tensor, group_size: int = GROUP_SIZE):
     return qweight, qzeros, scale.t().contiguous().to(w.dtype)
 
 
-class AwqLinear(nn.Module):
-    """Minimal 4-bit Linear for the benchmark: buffers of the AWQ format, forward = ``awq_matmul``."""
+def quantize_decoder(model: nn.Module, group_size: int = GROUP_SIZE) -> str:
+    """Replace every Linear inside ``model.model.layers`` in place by ``awq_nb.WQLinear`` (RTN
+    weights: the speed does not depend on how the scales were searched); lm_head stays dense."""
+    from awq_nb.wqlinear import WQLinear
 
-    def __init__(self, linear: nn.Linear, group_size: int = GROUP_SIZE):
-        super().__init__()
-        self.group_size = group_size
-        qweight, qzeros, scales = quantize_weight(linear.weight.detach(), group_size)
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("qzeros", qzeros)
-        self.register_buffer("scales", scales)
-        self.bias = None if linear.bias is None else linear.bias.detach()
-        on_cpu = qweight.device.type == "cpu" and int4_cpu_supported(scales.shape[1], group_size)
-        self.cpu_weight = prepare_cpu_int4(qweight, qzeros, scales, group_size) if on_cpu else None
-
-    def forward(self, x):
-        return awq_matmul(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias,
-                          cpu_weight=self.cpu_weight)
-
-
-def quantize_decoder(model: nn.Module) -> str:
-    """Replace every Linear inside ``model.model.layers`` in place; returns which module was used.
-
-    Uses the package's ``WQLinear`` when it routes through the kernels' dispatcher (with its CPU
-    int4 weight prepared on CPU), else the minimal :class:`AwqLinear` above."""
-    make, label = AwqLinear, "bench AwqLinear (awq_matmul)"
-    try:
-        from awq_nb import wqlinear
-        from awq_nb.kernels import dispatch
-
-        if getattr(wqlinear, "awq_matmul", None) is dispatch.awq_matmul:
-            def make(linear):
-                module = wqlinear.WQLinear.from_linear(linear, 4, GROUP_SIZE)
-                if module.qweight.device.type == "cpu":
-                    module.prepare_cpu_int4()
-                return module
-            label = "awq_nb WQLinear (awq_matmul)"
-    except ImportError:
-        pass
     for name, module in list(model.model.layers.named_modules()):
         if isinstance(module, nn.Linear):
-            model.model.layers.set_submodule(name, make(module))
-    return label
+            q = WQLinear.from_linear(module, 4, group_size)
+            if q.qweight.device.type == "cpu":
+                q.prepare_cpu_int4()
+            model.model.layers.set_submodule(name, q)
+    return f"awq_nb WQLinear g{group_size}"
 
 
 # ---------------------------------------------------------------------------------------------
 # timing
 
 
-def time_ms(fn, device: str) -> float:
-    if device == "cuda":
-        import triton.testing
+class Timer:
+    """GPU: median of ``triton.testing.do_bench`` (CUDA events; a 256 MB buffer is zeroed before
+    every run, so the weights come from HBM, not L2, and the launch is hidden behind that memset).
+    CPU (``--quick``, ``--dry-run``): the fastest of ``reps`` perf_counter runs (the CPU boxes are
+    shared, so the minimum is the stable figure)."""
 
-        return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
-    fn()
-    times = []
-    for _ in range(CPU_REPS):
-        start = time.perf_counter()
+    def __init__(self, device: str, reps: int = CPU_REPS):
+        self.device, self.reps = device, reps
+
+    def ms(self, fn) -> float:
+        if self.device == "cuda":
+            import triton.testing
+
+            return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
         fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return min(times)  # the CPU box is shared: the fastest run estimates the uncontended time
+        times = []
+        for _ in range(self.reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return min(times)
 
 
-def bench_shape(k: int, n: int, batches: list[int], device: str, dtype: torch.dtype) -> list[Row]:
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def int4_strategies(device: str, triton_kernels: bool, qweight, qzeros, scales, group_size: int) -> dict:
+    """name -> fn(x): every INT4 path that can serve ``x`` on this device (names as in dispatch)."""
+    from awq_nb.kernels import dispatch
+
+    if triton_kernels:
+        from awq_nb.kernels.dequant import awq_dequantize
+        from awq_nb.kernels.gemm import awq_gemm
+        from awq_nb.kernels.gemv import MAX_ROWS, awq_gemv
+
+        def gemv(x):
+            return awq_gemv(x, qweight, qzeros, scales, group_size) if x.shape[0] <= MAX_ROWS else None
+
+        return {dispatch.GEMV: gemv,
+                dispatch.GEMM: lambda x: awq_gemm(x, qweight, qzeros, scales, group_size),
+                dispatch.DEQUANT_MATMUL: lambda x: x @ awq_dequantize(qweight, qzeros, scales, group_size)}
+    cpu_weight = prepare_cpu_int4(qweight, qzeros, scales, group_size) if int4_cpu_supported(
+        scales.shape[1], group_size) else None
+    paths = {dispatch.CPU_DEQUANT_MATMUL: lambda x: awq_matmul(x, qweight, qzeros, scales, group_size)}
+    if cpu_weight is not None:
+        paths[dispatch.CPU_INT4] = lambda x: awq_matmul(x, qweight, qzeros, scales, group_size, cpu_weight=cpu_weight)
+    return paths
+
+
+def chosen_strategy(m: int, device: str, triton_kernels: bool, has_cpu_int4: bool) -> str:
+    from awq_nb.kernels import dispatch
+
+    if device == "cuda":
+        return choose_kernel(m, torch.device("cuda"))
+    if triton_kernels:  # --dry-run: the CUDA rule, as on an sm90 GPU
+        return dispatch.cuda_strategy(m, (9, 0))
+    return choose_kernel(m, torch.device("cpu"), has_cpu_int4)
+
+
+def bench_shape(k: int, n: int, batches: list[int], device: str, dtype: torch.dtype, timer: Timer,
+                triton_kernels: bool) -> list[Row]:
+    from awq_nb.kernels import dequantize_ref
+
     gen = torch.Generator(device=device).manual_seed(0)
     w = (torch.randn(n, k, generator=gen, device=device) * 0.02).to(dtype)
     qweight, qzeros, scales = quantize_weight(w)
-    dense = w  # the fp weight (same FLOPs as AWQ, 4x the bytes)
-    cpu_weight = prepare_cpu_int4(qweight, qzeros, scales, GROUP_SIZE) if device == "cpu" else None
-    if device == "cuda":
-        from awq_nb.kernels.dequant import awq_dequantize
-        from awq_nb.kernels.gemm import awq_gemm
-        from awq_nb.kernels.gemv import awq_gemv
-
-        def deq_mm(x):
-            return x @ awq_dequantize(qweight, qzeros, scales, GROUP_SIZE)
-    else:
-        def deq_mm(x):
-            return (x.float() @ dequantize_cpu(qweight, qzeros, scales, GROUP_SIZE)).to(x.dtype)
-
+    w_ref = dequantize_ref(qweight, qzeros, scales, GROUP_SIZE).float()  # [K, N], what every path computes
+    paths = int4_strategies(device, triton_kernels, qweight, qzeros, scales, GROUP_SIZE)
     weight_bytes = qweight.numel() * 4 + qzeros.numel() * 4 + scales.numel() * scales.element_size()
     rows = []
     for m in batches:
         x = torch.randn(m, k, generator=gen, device=device).to(dtype)
-        awq = time_ms(lambda: awq_matmul(x, qweight, qzeros, scales, GROUP_SIZE, cpu_weight=cpu_weight), device)
-        dense_ms = time_ms(lambda: F.linear(x, dense), device)
-        deq = time_ms(lambda: deq_mm(x), device)
-        gemv_ms = gemm_ms = None
-        if device == "cuda":
-            if m <= GEMV_FORCED_MAX_M:
-                gemv_ms = time_ms(lambda: awq_gemv(x, qweight, qzeros, scales, GROUP_SIZE), device)
-            gemm_ms = time_ms(lambda: awq_gemm(x, qweight, qzeros, scales, GROUP_SIZE), device)
+        ref = x.float() @ w_ref
+        times, errors = {}, {}
+        for name, fn in paths.items():
+            out = fn(x)
+            if out is None:  # e.g. the GEMV kernel above its row limit
+                continue
+            errors[name] = rel_err(out, ref)
+            times[name] = timer.ms(lambda: fn(x))
+        dense_ms = timer.ms(lambda: F.linear(x, w))
+        kernel = chosen_strategy(m, device, triton_kernels, "cpu-int4" in paths)
+        awq = times[kernel]
+        deq_name = next(name for name in times if "dequant" in name)
         act_bytes = (m * k + m * n) * x.element_size()
-        row = Row(shape=f"{k}x{n}", m=m, kernel=choose_kernel(m, x.device, cpu_weight is not None),
-                  awq_ms=awq, dense_ms=dense_ms, deq_mm_ms=deq, gemv_ms=gemv_ms, gemm_ms=gemm_ms,
+        row = Row(shape=f"{k}x{n}", m=m, kernel=kernel, awq_ms=awq, dense_ms=dense_ms, times_ms=times, rel_err=errors,
+                  best=min(times, key=times.get),
                   awq_gbps=(act_bytes + weight_bytes) / awq / 1e6,
                   awq_tflops=2 * m * n * k / awq / 1e9,
-                  dense_gbps=(act_bytes + dense.numel() * dense.element_size()) / dense_ms / 1e6,
-                  speedup_vs_dense=dense_ms / awq, speedup_vs_deq_mm=deq / awq)
+                  dense_gbps=(act_bytes + w.numel() * w.element_size()) / dense_ms / 1e6,
+                  speedup_vs_dense=dense_ms / awq, speedup_vs_deq_mm=times[deq_name] / awq)
         rows.append(row)
         print(markdown_row(row), flush=True)
     return rows
+
+
+def threshold_summary(rows: list[Row]) -> str:
+    """Per M: how often each strategy was fastest, and its geometric-mean speed-up over dense."""
+    lines = ["| M | fastest strategy (shapes won) | dispatcher's pick | pick's geo-mean x dense | best's geo-mean x dense |",
+             "|---|---|---|---|---|"]
+    for m in sorted({r.m for r in rows}):
+        group = [r for r in rows if r.m == m]
+        wins = {}
+        for r in group:
+            wins[r.best] = wins.get(r.best, 0) + 1
+        pick = statistics.geometric_mean([r.speedup_vs_dense for r in group])
+        best = statistics.geometric_mean([r.dense_ms / r.times_ms[r.best] for r in group])
+        lines.append(f"| {m} | " + ", ".join(f"{k} {v}/{len(group)}" for k, v in sorted(wins.items(), key=lambda kv: -kv[1]))
+                     + f" | {group[0].kernel} | {pick:.2f} | {best:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
 # decode
 
 
-def llama(layers: int, hidden: int, intermediate: int, heads: int, device: str, dtype: torch.dtype) -> nn.Module:
+def llama(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int, device: str,
+          dtype: torch.dtype) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
-                         num_key_value_heads=heads, num_hidden_layers=layers, vocab_size=32000,
-                         max_position_embeddings=2048)
+                         num_key_value_heads=kv_heads, num_hidden_layers=layers, vocab_size=vocab,
+                         max_position_embeddings=2048, tie_word_embeddings=vocab == 49152)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -224,8 +258,17 @@ def llama(layers: int, hidden: int, intermediate: int, heads: int, device: str, 
     return model.eval()
 
 
+# name: (layers, hidden, intermediate, heads, kv_heads, vocab, group size)
+DECODE_MODELS = {
+    "Llama-7B shapes (random weights)": (32, 4096, 11008, 32, 32, 32000, 128),
+    "SmolLM2-135M shapes (random weights)": (30, 576, 1536, 9, 3, 49152, 64),
+}
+QUICK_DECODE = {"tiny Llama (random weights)": (2, 256, 768, 4, 4, 32000, 128)}
+
+
 @torch.no_grad()
-def decode_tokens_per_s(model: nn.Module, tokens: int, device: str) -> float:
+def eager_tokens_per_s(model: nn.Module, tokens: int, device: str) -> float:
+    """transformers forward with its dynamic KV cache, one token at a time (what generate() does)."""
     prompt = torch.randint(0, model.config.vocab_size, (1, DECODE_PROMPT), device=device)
 
     def run():
@@ -243,24 +286,67 @@ def decode_tokens_per_s(model: nn.Module, tokens: int, device: str) -> float:
     return statistics.median(run() for _ in range(3))
 
 
+def static_tokens_per_s(model: nn.Module, tokens: int, graph: bool) -> tuple[float, list[int], list[int]]:
+    """StaticDecoder replaying one CUDA graph per token (``graph``; else its eager step, as on CPU);
+    also its eager and timed tokens for one prompt (with a graph they should agree: it replays the
+    same kernels)."""
+    from awq_nb.graph_decode import StaticDecoder
+
+    decoder = StaticDecoder(model, max_len=DECODE_PROMPT + tokens)
+    prompt = list(range(1, DECODE_PROMPT + 1))
+    eager = decoder.generate(prompt, tokens, graph=False)
+    timed = decoder.generate(prompt, tokens, graph=graph)
+    rates = [decoder.tokens_per_s]
+    for _ in range(2):
+        decoder.generate(prompt, tokens, graph=graph)
+        rates.append(decoder.tokens_per_s)
+    return statistics.median(rates), eager, timed
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def bench_decode(device: str, quick: bool) -> Decode:
-    if quick:
-        layers, tokens, dims = 2, 8, (256, 768, 4)
-    else:
-        layers, tokens, dims = DECODE_LAYERS_GPU, DECODE_TOKENS_GPU, (4096, 11008, 32)
+def bench_decode(device: str, quick: bool) -> list[Decode]:
+    """fp vs AWQ tokens/s per model: transformers' eager forward, and the StaticDecoder loop (one
+    CUDA graph per token on GPU; its eager step on CPU)."""
+    tokens = 8 if quick else DECODE_TOKENS_GPU
     dtype = torch.float16 if device == "cuda" else torch.bfloat16
-    model = llama(layers, *dims, device=device, dtype=dtype)
-    fp = decode_tokens_per_s(model, tokens, device)
-    quantized = copy.deepcopy(model)
-    del model
-    label = quantize_decoder(quantized)
-    awq = decode_tokens_per_s(quantized, tokens, device)
-    return Decode(layers=layers, tokens=tokens, device=device, fp_tokens_per_s=fp, awq_tokens_per_s=awq, linear=label)
+    static_mode = "cuda graph" if device == "cuda" else "static cache, eager"
+    results = []
+    for name, (layers, *dims, group_size) in (QUICK_DECODE if quick else DECODE_MODELS).items():
+        model = llama(layers, *dims, device=device, dtype=dtype)
+        fp_eager = eager_tokens_per_s(model, tokens, device)
+        fp_static = static_tokens_per_s(model, tokens, graph=device == "cuda")[0]
+        label = quantize_decoder(model, group_size)
+        awq_eager = eager_tokens_per_s(model, tokens, device)
+        results.append(Decode(name, layers, tokens, device, "transformers eager", fp_eager, awq_eager, label))
+        print(decode_row(results[-1]), flush=True)
+        awq_static, eager_ids, timed_ids = static_tokens_per_s(model, tokens, graph=device == "cuda")
+        same = sum(a == b for a, b in zip(eager_ids, timed_ids))
+        results.append(Decode(name, layers, tokens, device, static_mode, fp_static, awq_static, label,
+                              note=f"AWQ tokens, timed vs eager step: {same}/{tokens} agree"))
+        print(decode_row(results[-1]), flush=True)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def ceilings() -> str:
+    """Measured copy bandwidth and fp16 matmul rate of this GPU (the two numbers METHOD.md asks for)."""
+    import triton.testing
+
+    src = torch.empty(2 * 1024**3 // 2, dtype=torch.float16, device="cuda").normal_()  # 2 GiB
+    dst = torch.empty_like(src)
+    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median")
+    src = dst = None
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
+    y = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
+    mm_ms = triton.testing.do_bench(lambda: x @ y, warmup=10, rep=50, return_mode="median")
+    return (f"ceilings: device-to-device copy {2 * 2 * 1024**3 / copy_ms / 1e9:.0f} GB/s (read + write), "
+            f"fp16 8192^3 matmul {2 * 8192**3 / mm_ms / 1e9:.0f} TFLOP/s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +384,7 @@ def cpu_paths(k: int, n: int, batches: list[int]) -> str:
         cells = []
         for m in batches:
             x = torch.randn(m, k, generator=gen)
-            cells.append(f"{time_ms(lambda: fn(x), 'cpu'):.2f}")
+            cells.append(f"{Timer('cpu').ms(lambda: fn(x)):.2f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
     return "\n".join(lines) + "\n"
@@ -366,8 +452,8 @@ def compile_report(capability: int) -> str:
 # output
 
 
-HEADER = ("| K x N | M | kernel | awq ms | dense ms | deq+mm ms | gemv ms | gemm ms | awq GB/s | awq TFLOP/s "
-          "| dense GB/s | x dense | x deq+mm |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| K x N | M | kernel | awq ms | dense ms | gemv ms | gemm ms | deq+mm ms | fastest | max rel err | awq GB/s "
+          "| awq TFLOP/s | dense GB/s | x dense | x deq+mm |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _fmt(v, spec=".4f"):
@@ -375,12 +461,25 @@ def _fmt(v, spec=".4f"):
 
 
 def markdown_row(r: Row) -> str:
-    return (f"| {r.shape} | {r.m} | {r.kernel} | {_fmt(r.awq_ms)} | {_fmt(r.dense_ms)} | {_fmt(r.deq_mm_ms)} | "
-            f"{_fmt(r.gemv_ms)} | {_fmt(r.gemm_ms)} | {r.awq_gbps:.1f} | {r.awq_tflops:.3f} | {r.dense_gbps:.1f} | "
+    def t(*names):
+        return next((r.times_ms[n] for n in names if n in r.times_ms), None)
+
+    return (f"| {r.shape} | {r.m} | {r.kernel} | {_fmt(r.awq_ms)} | {_fmt(r.dense_ms)} | {_fmt(t('gemv'))} | "
+            f"{_fmt(t('gemm', 'cpu-int4'))} | {_fmt(t('dequant+matmul', 'cpu-dequant+matmul'))} | {r.best} | "
+            f"{max(r.rel_err.values()):.1e} | {r.awq_gbps:.1f} | {r.awq_tflops:.3f} | {r.dense_gbps:.1f} | "
             f"{r.speedup_vs_dense:.2f} | {r.speedup_vs_deq_mm:.2f} |")
 
 
-def environment(device: str, dtype: torch.dtype) -> dict:
+DECODE_HEADER = ("| model | layers | new tokens | mode | fp tokens/s | awq tokens/s | speed-up | quantized Linear | note |\n"
+                 "|---|---|---|---|---|---|---|---|---|")
+
+
+def decode_row(d: Decode) -> str:
+    return (f"| {d.model} | {d.layers} | {d.tokens} | {d.mode} | {d.fp_tokens_per_s:.1f} | {d.awq_tokens_per_s:.1f} | "
+            f"{d.speedup:.2f} | {d.linear} | {d.note} |")
+
+
+def environment(device: str, dtype: torch.dtype, dry_run: bool = False) -> dict:
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "torch": torch.__version__, "python": platform.python_version(), "device": device,
            "dtype": str(dtype), "group_size": GROUP_SIZE}
@@ -391,18 +490,20 @@ def environment(device: str, dtype: torch.dtype) -> dict:
                    capability=".".join(map(str, torch.cuda.get_device_capability())))
     else:
         env.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    if dry_run:
+        env["mode"] = "dry run: Triton kernels in the interpreter (times mean nothing)"
     return env
 
 
-def markdown(env: dict, rows: list[Row], decode: Decode | None) -> str:
-    lines = ["## INT4 matmul benchmark", "", ", ".join(f"{k}: {v}" for k, v in env.items()), "", HEADER]
-    lines += [markdown_row(r) for r in rows]
-    if decode is not None:
-        lines += ["", "## Decode", "",
-                  "| device | layers | new tokens | fp tokens/s | awq tokens/s | speed-up | quantized Linear |",
-                  "|---|---|---|---|---|---|---|",
-                  f"| {decode.device} | {decode.layers} | {decode.tokens} | {decode.fp_tokens_per_s:.1f} | "
-                  f"{decode.awq_tokens_per_s:.1f} | {decode.speedup:.2f} | {decode.linear} |"]
+def markdown(env: dict, rows: list[Row], decode: list[Decode], extra: str = "") -> str:
+    lines = ["## INT4 matmul benchmark", "", ", ".join(f"{k}: {v}" for k, v in env.items())]
+    if extra:
+        lines += ["", extra]
+    if rows:
+        lines += ["", HEADER] + [markdown_row(r) for r in rows]
+        lines += ["", "### Fastest strategy per batch size", "", threshold_summary(rows).rstrip()]
+    if decode:
+        lines += ["", "## Decode (batch 1, greedy)", "", DECODE_HEADER] + [decode_row(d) for d in decode]
     return "\n".join(lines) + "\n"
 
 
@@ -412,6 +513,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write rows and decode results as JSON")
     parser.add_argument("--markdown", metavar="FILE", help="also write the markdown tables to FILE")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode tokens/s measurement")
+    parser.add_argument("--decode-only", action="store_true", help="only the decode tokens/s measurement")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run the GPU code path on CPU with Triton's interpreter, on a tiny shape (checks the "
+                             "script before a GPU session; the times mean nothing)")
     parser.add_argument("--shapes", nargs="*", metavar="KxN", help="override the Linear shapes, e.g. 4096x4096")
     parser.add_argument("--batches", nargs="*", type=int, metavar="M", help="override the batch sizes")
     parser.add_argument("--cpu-paths", action="store_true",
@@ -432,27 +537,48 @@ def main(argv=None) -> int:
                 f.write(text)
         return 0
 
-    device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
-    dtype = torch.float16 if device == "cuda" else torch.bfloat16
-    shapes = [tuple(map(int, s.lower().split("x"))) for s in args.shapes] if args.shapes else (
-        QUICK_SHAPES if device == "cpu" else SHAPES)
-    batches = args.batches or (QUICK_BATCHES if device == "cpu" else BATCHES)
-    env = environment(device, dtype)
+    if args.dry_run:  # before anything imports triton
+        os.environ["TRITON_INTERPRET"] = "1"
+    device = "cpu" if args.quick or args.dry_run or not torch.cuda.is_available() else "cuda"
+    triton_kernels = device == "cuda" or args.dry_run
+    dtype = torch.float16 if triton_kernels else torch.bfloat16
+    default_shapes, default_batches = {"cuda": (SHAPES, BATCHES), "cpu": (QUICK_SHAPES, QUICK_BATCHES)}[device]
+    if args.dry_run:
+        default_shapes, default_batches = DRY_SHAPES, DRY_BATCHES
+    shapes = [tuple(map(int, s.lower().split("x"))) for s in args.shapes] if args.shapes else default_shapes
+    batches = args.batches or default_batches
+    env = environment(device, dtype, args.dry_run)
     print(", ".join(f"{k}: {v}" for k, v in env.items()))
-    print(HEADER, flush=True)
-    rows = []
-    for k, n in shapes:
-        rows += bench_shape(k, n, batches, device, dtype)
-    decode = None if args.no_decode else bench_decode(device, quick=device == "cpu")
-    text = markdown(env, rows, decode)
-    print("\n" + text)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "rows": [asdict(r) for r in rows],
-                       "decode": None if decode is None else asdict(decode)}, f, indent=1)
+    extra = ceilings() if device == "cuda" else ""
+    print(extra)
+    rows, decode = [], []
+
+    def save():
+        text = markdown(env, rows, decode, extra)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(text)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"environment": env, "ceilings": extra, "rows": [asdict(r) for r in rows],
+                           "decode": [asdict(d) for d in decode]}, f, indent=1)
+        return text
+
+    timer = Timer(device, reps=1 if args.dry_run else CPU_REPS)
+    if not args.decode_only:
+        print(HEADER, flush=True)
+        for k, n in shapes:
+            rows += bench_shape(k, n, batches, device, dtype, timer, triton_kernels)
+            save()
+        print("\n" + threshold_summary(rows), flush=True)
+    if not args.no_decode:
+        print(DECODE_HEADER, flush=True)
+        decode += bench_decode(device, quick=device == "cpu")
+    print("\n" + save())
+    bad = [(r.shape, r.m, name, e) for r in rows for name, e in r.rel_err.items() if not e <= MAX_REL_ERR]
+    if bad:
+        print(f"FAILED: relative error above {MAX_REL_ERR:g} (or NaN): {bad}")
+        return 1
     return 0
 
 

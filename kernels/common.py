@@ -37,10 +37,12 @@ autotuner is built per tuple of candidates. Nothing probes the device at import.
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
 import triton
+import triton.testing
 import triton.language as tl
 
 from awq_nb.errors import AwqNbError
@@ -77,6 +79,20 @@ def dot_dtype(x_dtype: torch.dtype) -> tl.dtype:
         return tl.float32 if is_interpreting() else tl.bfloat16
     raise AwqNbError(f"Triton INT4 kernels take float16 or bfloat16 activations, got {x_dtype}; "
                      "cast x (awq_matmul does this for float32).")
+
+
+def _fast_bench(kernel_call, quantiles):
+    """The autotuner's timer: CUDA-event medians over ~20 ms per candidate (Triton's default spends
+    ~125 ms), so tuning every (M bucket, N, K, g) key of a model takes seconds, not minutes."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+def autotuner(fn, candidates: tuple[triton.Config, ...], key: list[str], prune=None):
+    """``triton.autotune`` over ``candidates`` with the faster timer where this Triton accepts one."""
+    options = {"prune_configs_by": {"early_config_prune": prune}} if prune else {}
+    if len(candidates) > 1 and "do_bench" in inspect.signature(triton.autotune).parameters:
+        options["do_bench"] = _fast_bench
+    return triton.autotune(configs=list(candidates), key=key, **options)(fn)
 
 
 def zero_workspace_if_split(nargs: dict) -> None:
@@ -119,6 +135,26 @@ def repeat_words_8(words):
 
 
 @triton.jit
+def load_codes_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
+                    k_start, n_start, K, N,
+                    GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The raw pieces of a tile that lies in one group (``GROUP_SIZE % BLOCK_K == 0``): codes
+    ``q [BLOCK_K, BLOCK_N]`` int32, zeros ``z [1, BLOCK_N]`` int32 and scales ``s [1, BLOCK_N]``.
+    Rows ``>= K`` and columns ``>= N`` have ``q = z = 0`` and ``s = 0``."""
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    offs_w = n_start // 8 + tl.arange(0, BLOCK_N // 8)
+    w_ok = offs_w[None, :] < N // 8  # N is a multiple of 8, so this is "column < N"
+    shifts = awq_shifts(offs_n)[None, :]
+    words = tl.load(qweight_ptr + offs_k[:, None] * stride_qk + offs_w[None, :], mask=(offs_k[:, None] < K) & w_ok,
+                    other=0)
+    group = k_start // GROUP_SIZE
+    zero_words = tl.load(qzeros_ptr + group * stride_zk + offs_w[None, :], mask=w_ok, other=0)
+    s = tl.load(scales_ptr + group * stride_sk + offs_n[None, :], mask=offs_n[None, :] < N, other=0)
+    return (repeat_words_8(words) >> shifts) & 0xF, (repeat_words_8(zero_words) >> shifts) & 0xF, s
+
+
+@triton.jit
 def load_weight_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
                      k_start, n_start, K, N,
                      GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -128,21 +164,19 @@ def load_weight_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, 
     Rows ``>= K`` and columns ``>= N`` come back as 0, so they add nothing to a dot product.
     Returns ``[BLOCK_K, BLOCK_N]`` in the scales' dtype.
     """
+    if GROUP_SIZE % BLOCK_K == 0:
+        # The tile lies in one group: one row of zeros and scales, broadcast over the tile.
+        q, z, s = load_codes_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
+                                  k_start, n_start, K, N, GROUP_SIZE, BLOCK_K, BLOCK_N)
+        return ((q - z).to(tl.float32) * s.to(tl.float32)).to(s.dtype)
+    # BLOCK_K spans several groups: gather the group row for every k.
     offs_k = k_start + tl.arange(0, BLOCK_K)
     offs_n = n_start + tl.arange(0, BLOCK_N)
     offs_w = n_start // 8 + tl.arange(0, BLOCK_N // 8)
     k_ok = offs_k[:, None] < K
-    w_ok = offs_w[None, :] < N // 8  # N is a multiple of 8, so this is "column < N"
-    n_ok = offs_n[None, :] < N
+    w_ok = offs_w[None, :] < N // 8
     qw = repeat_words_8(tl.load(qweight_ptr + offs_k[:, None] * stride_qk + offs_w[None, :], mask=k_ok & w_ok, other=0))
-    if GROUP_SIZE % BLOCK_K == 0:
-        # The tile lies in one group: load one row of zeros and scales and broadcast it.
-        group = k_start // GROUP_SIZE
-        qz = repeat_words_8(tl.load(qzeros_ptr + group * stride_zk + offs_w[None, :], mask=w_ok, other=0))
-        s = tl.load(scales_ptr + group * stride_sk + offs_n[None, :], mask=n_ok, other=0)
-    else:
-        # BLOCK_K spans several groups: gather the group row for every k.
-        group = offs_k[:, None] // GROUP_SIZE
-        qz = repeat_words_8(tl.load(qzeros_ptr + group * stride_zk + offs_w[None, :], mask=k_ok & w_ok, other=0))
-        s = tl.load(scales_ptr + group * stride_sk + offs_n[None, :], mask=k_ok & n_ok, other=0)
+    group = offs_k[:, None] // GROUP_SIZE
+    qz = repeat_words_8(tl.load(qzeros_ptr + group * stride_zk + offs_w[None, :], mask=k_ok & w_ok, other=0))
+    s = tl.load(scales_ptr + group * stride_sk + offs_n[None, :], mask=k_ok & (offs_n[None, :] < N), other=0)
     return dequantize_tile(qw, qz, s, awq_shifts(offs_n))

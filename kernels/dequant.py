@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_launchable, is_interpreting, load_weight_tile
+from .common import autotuner, check_launchable, is_interpreting, load_weight_tile
 from .validate import check_awq_weight
 
 
@@ -63,7 +63,7 @@ def _dequantize_kernel(
 
 @functools.cache
 def _tuned(candidates: tuple[triton.Config, ...]):
-    return triton.autotune(configs=list(candidates), key=["K", "N", "GROUP_SIZE"])(_dequantize_kernel)
+    return autotuner(_dequantize_kernel, candidates, key=["K", "N", "GROUP_SIZE"])
 
 
 def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -41,9 +41,14 @@ def choose_kernel(m: int, device: torch.device, has_cpu_weight: bool = False) ->
         return CPU_INT4 if has_cpu_weight else CPU_DEQUANT_MATMUL
     if device.type != "cuda":
         raise AwqNbError(f"awq_matmul runs on CPU or CUDA tensors, got {device}")
+    return cuda_strategy(m, torch.cuda.get_device_capability(device))
+
+
+def cuda_strategy(m: int, capability: tuple[int, int]) -> str:
+    """The CUDA rule of :func:`choose_kernel` for ``m`` rows on a GPU of compute ``capability``."""
     if m <= GEMV_MAX_M:
         return GEMV
-    if m <= GEMM_MAX_M and torch.cuda.get_device_capability(device) >= MIN_MMA_CAPABILITY:
+    if m <= GEMM_MAX_M and tuple(capability) >= MIN_MMA_CAPABILITY:
         return GEMM
     return DEQUANT_MATMUL
 

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (check_launchable, dot_dtype, finish_split_k, is_interpreting, load_weight_tile,
+from .common import (autotuner, check_launchable, dot_dtype, finish_split_k, is_interpreting, load_weight_tile,
                      zero_workspace_if_split)
 from .validate import check_activation, check_awq_weight
 
@@ -124,8 +124,7 @@ def _gemm_kernel(
 
 @functools.cache
 def _tuned(candidates: tuple[triton.Config, ...]):
-    return triton.autotune(configs=list(candidates), key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
-                           prune_configs_by={"early_config_prune": _prune})(_gemm_kernel)
+    return autotuner(_gemm_kernel, candidates, key=["M_BUCKET", "N", "K", "GROUP_SIZE"], prune=_prune)
 
 
 def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,

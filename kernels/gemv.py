@@ -37,7 +37,8 @@ import triton.language as tl
 
 from awq_nb.errors import AwqNbError
 
-from .common import check_launchable, finish_split_k, is_interpreting, load_weight_tile, zero_workspace_if_split
+from .common import (autotuner, check_launchable, finish_split_k, is_interpreting, load_codes_tile, load_weight_tile,
+                     zero_workspace_if_split)
 from .validate import check_activation, check_awq_weight
 
 MAX_ROWS = 8  # most rows of x one BLOCK_M holds; larger batches belong to the tl.dot GEMM
@@ -48,15 +49,17 @@ PRODUCT_ELEMENTS_PER_THREAD = 64  # register budget for the [BLOCK_M, BLOCK_K, B
 def configs(interpret: bool) -> tuple[triton.Config, ...]:
     """Autotune candidates (pruned by :func:`_prune` for the batch's BLOCK_M). One under the interpreter."""
     if interpret:
-        return (triton.Config({"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1}, num_warps=4, num_stages=1,
-                              pre_hook=zero_workspace_if_split),)
-    return tuple(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st,
-                               pre_hook=zero_workspace_if_split)
-                 for bn, bk, sk, w, st in GPU_CANDIDATES)
+        return (triton.Config({"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1, "FACTOR_GROUP": True}, num_warps=4,
+                              num_stages=1, pre_hook=zero_workspace_if_split),)
+    return tuple(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "FACTOR_GROUP": factor}, num_warps=w,
+                               num_stages=st, pre_hook=zero_workspace_if_split)
+                 for bn, bk, sk, w, st in GPU_CANDIDATES for factor in (True, False))
 
 
-# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages). Big tiles serve M = 1..2, small ones
-# survive _prune for M = 4..8; SPLIT_K 4..16 gives a 4096-wide layer 128..512 programs.
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), each tried with and without FACTOR_GROUP (the
+# per-group factoring of zero and scale; it applies when the group size is a multiple of BLOCK_K).
+# Big tiles serve M = 1..2, small ones survive _prune for M = 4..8; SPLIT_K 4..16 gives a
+# 4096-wide layer 128..512 programs.
 GPU_CANDIDATES = (
     (64, 128, 8, 4, 2), (128, 64, 8, 4, 2), (128, 128, 4, 8, 3), (64, 256, 4, 8, 3), (32, 256, 16, 4, 2),
     (64, 64, 8, 4, 2), (32, 128, 16, 4, 2), (32, 64, 16, 4, 2), (64, 32, 8, 4, 2), (32, 32, 16, 4, 2),
@@ -87,7 +90,7 @@ def _gemv_kernel(
     stride_xm, stride_xk, stride_qk, stride_zk, stride_sk, stride_om,
     # meta-parameters
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, FACTOR_GROUP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -100,9 +103,18 @@ def _gemv_kernel(
         offs_k = k_start + tl.arange(0, BLOCK_K)
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
-        w = load_weight_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
-                             k_start, pid_n * BLOCK_N, K, N, GROUP_SIZE, BLOCK_K, BLOCK_N).to(tl.float32)
-        acc += tl.sum(a[:, :, None] * w[None, :, :], axis=1)
+        if FACTOR_GROUP and GROUP_SIZE % BLOCK_K == 0:
+            # The tile lies in one group, so sum_k x_k (q_kn - z_n) s_n = s_n (sum_k x_k q_kn - z_n sum_k x_k):
+            # per weight only unpack, convert and multiply-add; zero and scale once per column.
+            q, z, s = load_codes_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
+                                      k_start, pid_n * BLOCK_N, K, N, GROUP_SIZE, BLOCK_K, BLOCK_N)
+            xq = tl.sum(a[:, :, None] * q.to(tl.float32)[None, :, :], axis=1)      # [BLOCK_M, BLOCK_N]
+            xz = tl.sum(a, axis=1)[:, None] * z.to(tl.float32)                        # [BLOCK_M, BLOCK_N]
+            acc += (xq - xz) * s.to(tl.float32)
+        else:
+            w = load_weight_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
+                                 k_start, pid_n * BLOCK_N, K, N, GROUP_SIZE, BLOCK_K, BLOCK_N).to(tl.float32)
+            acc += tl.sum(a[:, :, None] * w[None, :, :], axis=1)
 
     mask = m_ok[:, None] & (offs_n[None, :] < N)
     if SPLIT_K == 1:
@@ -115,8 +127,7 @@ def _gemv_kernel(
 
 @functools.cache
 def _tuned(candidates: tuple[triton.Config, ...]):
-    return triton.autotune(configs=list(candidates), key=["BLOCK_M", "N", "K", "GROUP_SIZE"],
-                           prune_configs_by={"early_config_prune": _prune})(_gemv_kernel)
+    return autotuner(_gemv_kernel, candidates, key=["BLOCK_M", "N", "K", "GROUP_SIZE"], prune=_prune)
 
 
 def awq_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,

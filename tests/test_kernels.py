@@ -241,10 +241,12 @@ def test_triton_other_dtype_bias_pairs(kernel, group_size, dtype, with_bias):
 
 
 @pytest.mark.skipif(ON_GPU, reason="swaps the interpreter's single config to reach the other split-K branch")
-@pytest.mark.parametrize("module_name, split_k", [("gemm", 1), ("gemv", 3)])
-def test_triton_other_split_k_branch(monkeypatch, module_name, split_k):
+@pytest.mark.parametrize("module_name, change", [("gemm", {"SPLIT_K": 1}), ("gemv", {"SPLIT_K": 3}),
+                                                  ("gemv", {"FACTOR_GROUP": False})])
+def test_triton_other_config_branches(monkeypatch, module_name, change):
     # The interpreter configs use SPLIT_K=2 (GEMM, atomics) and SPLIT_K=1 (GEMV, direct store);
-    # this runs the opposite branch of each, including a split that does not divide the K-blocks.
+    # this runs the opposite branch of each, including a split that does not divide the K-blocks,
+    # and the GEMV without the per-group factoring of zeros and scales (g=128 is one BLOCK_K).
     import importlib
 
     import triton
@@ -253,7 +255,7 @@ def test_triton_other_split_k_branch(monkeypatch, module_name, split_k):
 
     module = importlib.import_module(f"awq_nb.kernels.{module_name}")
     (base,) = module.configs(True)
-    swapped = (triton.Config({**base.kwargs, "SPLIT_K": split_k}, num_warps=base.num_warps,
+    swapped = (triton.Config({**base.kwargs, **change}, num_warps=base.num_warps,
                              num_stages=base.num_stages, pre_hook=zero_workspace_if_split),)
     monkeypatch.setattr(module, "configs", lambda interpret: swapped)
     fn = getattr(module, f"awq_{module_name}")
