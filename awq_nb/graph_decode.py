@@ -50,6 +50,8 @@ class StaticDecoder:
         if config.model_type not in LLAMA_LIKE:
             raise AwqNbError(f"StaticDecoder supports {', '.join(LLAMA_LIKE)} models, got model_type "
                              f"{config.model_type!r}; use model.generate() for other architectures.")
+        if max_len < 4:
+            raise AwqNbError(f"max_len={max_len}: the cache needs at least 4 positions (capture warms up on 3).")
         self.model, self.max_len = model, max_len
         base = model.model
         first = base.layers[0].self_attn
@@ -120,6 +122,7 @@ class StaticDecoder:
         """Capture one step as a CUDA graph (after warm-up steps that also run the autotuners)."""
         if self.device.type != "cuda":
             raise AwqNbError("CUDA graphs need the model on a CUDA device; call generate(graph=False) on CPU.")
+        self.pos.zero_()  # the warm-up and captured steps write cache rows 0..3, which any run overwrites
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -129,6 +132,7 @@ class StaticDecoder:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self.step()
+        self.pos.zero_()
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor | list[int], new_tokens: int, graph: bool = False) -> list[int]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One device call on a lent H100/H200 (about 9 minutes), from the repository root:
+# One device call on a lent H100/H200 (about 6 minutes), from the repository root:
 #
-#     bash bench/gpu_check.sh        # device tool: command "bash bench/gpu_check.sh", timeout_s 590
+#     bash bench/gpu_check.sh        # device tool: command "bash bench/gpu_check.sh", timeout_s 450
 #
 # Rehearse it here first, at no device time:  PYTHON=.venv/bin/python BENCH_ARGS=--dry-run bash bench/gpu_check.sh
 #
@@ -37,13 +37,13 @@ PY=${PYTHON:-python3}
 } 2>&1 | tee "$REPORT"
 
 echo "## matmul ($(elapsed))" | tee -a "$REPORT"
-timeout 250 $PY bench/kernels.py ${BENCH_ARGS:-} --no-decode --json "$OUT/matmul.json" --markdown "$OUT/matmul.md" 2>&1 \
+timeout 200 $PY bench/kernels.py ${BENCH_ARGS:-} --no-decode --json "$OUT/matmul.json" --markdown "$OUT/matmul.md" 2>&1 \
   | tee "$OUT/matmul.log"
 echo "matmul exit status: ${PIPESTATUS[0]} ($(elapsed))" | tee -a "$REPORT"
 if [ -s "$OUT/matmul.md" ]; then cat "$OUT/matmul.md" >> "$REPORT"; else grep '^|' "$OUT/matmul.log" >> "$REPORT"; fi
 
 echo "## decode ($(elapsed))" | tee -a "$REPORT"
-timeout 150 $PY bench/kernels.py ${BENCH_ARGS:-} --decode-only --json "$OUT/decode.json" --markdown "$OUT/decode.md" 2>&1 \
+timeout 120 $PY bench/kernels.py ${BENCH_ARGS:-} --decode-only --json "$OUT/decode.json" --markdown "$OUT/decode.md" 2>&1 \
   | tee "$OUT/decode.log"
 echo "decode exit status: ${PIPESTATUS[0]} ($(elapsed))" | tee -a "$REPORT"
 grep '^| [A-Za-z]' "$OUT/decode.log" | sort -u >> "$REPORT"
@@ -51,7 +51,7 @@ grep '^| [A-Za-z]' "$OUT/decode.log" | sort -u >> "$REPORT"
 echo "## tests on the GPU ($(elapsed))" | tee -a "$REPORT"
 XDIST="-n 8"
 $PY -c "import xdist" 2>/dev/null || XDIST=""
-timeout 120 $PY -m pytest tests/test_kernels.py tests/test_graph_decode.py -q -p no:cacheprovider $XDIST \
+timeout 100 $PY -P -m pytest tests/test_kernels.py tests/test_graph_decode.py -q -p no:cacheprovider $XDIST \
   --durations=5 2>&1 | tee "$OUT/tests_gpu.log"
 echo "tests exit status: ${PIPESTATUS[0]} ($(elapsed))" | tee -a "$REPORT"
 tail -n 12 "$OUT/tests_gpu.log" >> "$REPORT"

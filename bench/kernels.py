@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -69,6 +70,8 @@ class Row:
     times_ms: dict              # every INT4 strategy timed for this row
     rel_err: dict               # ||out - ref|| / ||ref|| per strategy, ref = x @ dequantized W in fp32
     best: str = ""
+    eager_awq_ms: float | None = None   # one awq_matmul call from Python (GPU: includes the launch cost)
+    eager_dense_ms: float | None = None
     awq_gbps: float = 0.0
     awq_tflops: float = 0.0
     dense_gbps: float = 0.0
@@ -125,19 +128,28 @@ def quantize_decoder(model: nn.Module, group_size: int = GROUP_SIZE) -> str:
 
 
 class Timer:
-    """GPU: median of ``triton.testing.do_bench`` (CUDA events; a 256 MB buffer is zeroed before
-    every run, so the weights come from HBM, not L2, and the launch is hidden behind that memset).
-    CPU (``--quick``, ``--dry-run``): the fastest of ``reps`` perf_counter runs (the CPU boxes are
-    shared, so the minimum is the stable figure)."""
+    """GPU: kernel time from CUDA-graph replay (``awq_nb.kernels.common.graph_bench``): the Python
+    launch cost is left out, as in a served model. Each measured call uses the next of several
+    copies of the weights, enough copies to overflow L2 three times, so weights come from HBM.
+    ``eager_ms`` is ``triton.testing.do_bench`` of one call from Python (L2 flushed), which is
+    bounded below by the launch cost. CPU (``--quick``, ``--dry-run``): the fastest of ``reps``
+    perf_counter runs of the first copy (the CPU boxes are shared: the minimum is the stable figure)."""
 
     def __init__(self, device: str, reps: int = CPU_REPS):
         self.device, self.reps = device, reps
 
-    def ms(self, fn) -> float:
+    def ms(self, fns) -> float:
+        """Time per call; ``fns`` is one callable per weight copy."""
         if self.device == "cuda":
-            import triton.testing
+            from awq_nb.kernels.common import graph_bench
 
-            return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+            def rotate():
+                for fn in fns:
+                    fn()
+
+            calls = max(1, 24 // len(fns))
+            return graph_bench(rotate, calls=calls) / len(fns)
+        fn = fns[0]
         fn()
         times = []
         for _ in range(self.reps):
@@ -145,6 +157,21 @@ class Timer:
             fn()
             times.append((time.perf_counter() - start) * 1e3)
         return min(times)
+
+    def eager_ms(self, fn) -> float | None:
+        if self.device != "cuda":
+            return None
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def copies_for(nbytes: int, device: str) -> int:
+    """How many copies of a weight of ``nbytes`` overflow the GPU's L2 three times (1 on CPU)."""
+    if device != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
+    return max(1, min(32, -(-3 * l2 // nbytes)))
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -192,26 +219,31 @@ def bench_shape(k: int, n: int, batches: list[int], device: str, dtype: torch.dt
     w = (torch.randn(n, k, generator=gen, device=device) * 0.02).to(dtype)
     qweight, qzeros, scales = quantize_weight(w)
     w_ref = dequantize_ref(qweight, qzeros, scales, GROUP_SIZE).float()  # [K, N], what every path computes
-    paths = int4_strategies(device, triton_kernels, qweight, qzeros, scales, GROUP_SIZE)
     weight_bytes = qweight.numel() * 4 + qzeros.numel() * 4 + scales.numel() * scales.element_size()
+    q_copies = [(qweight, qzeros, scales)] + [tuple(t.clone() for t in (qweight, qzeros, scales))
+                                             for _ in range(copies_for(weight_bytes, device) - 1)]
+    dense = [w] + [w.clone() for _ in range(copies_for(w.numel() * w.element_size(), device) - 1)]
+    paths = [int4_strategies(device, triton_kernels, *c, GROUP_SIZE) for c in q_copies]
     rows = []
     for m in batches:
         x = torch.randn(m, k, generator=gen, device=device).to(dtype)
         ref = x.float() @ w_ref
         times, errors = {}, {}
-        for name, fn in paths.items():
+        for name, fn in paths[0].items():
             out = fn(x)
             if out is None:  # e.g. the GEMV kernel above its row limit
                 continue
             errors[name] = rel_err(out, ref)
-            times[name] = timer.ms(lambda: fn(x))
-        dense_ms = timer.ms(lambda: F.linear(x, w))
-        kernel = chosen_strategy(m, device, triton_kernels, "cpu-int4" in paths)
+            times[name] = timer.ms([functools.partial(p[name], x) for p in paths])
+        dense_ms = timer.ms([functools.partial(F.linear, x, d) for d in dense])
+        kernel = chosen_strategy(m, device, triton_kernels, "cpu-int4" in paths[0])
         awq = times[kernel]
         deq_name = next(name for name in times if "dequant" in name)
         act_bytes = (m * k + m * n) * x.element_size()
         row = Row(shape=f"{k}x{n}", m=m, kernel=kernel, awq_ms=awq, dense_ms=dense_ms, times_ms=times, rel_err=errors,
                   best=min(times, key=times.get),
+                  eager_awq_ms=timer.eager_ms(lambda: awq_matmul(x, qweight, qzeros, scales, GROUP_SIZE)),
+                  eager_dense_ms=timer.eager_ms(lambda: F.linear(x, w)),
                   awq_gbps=(act_bytes + weight_bytes) / awq / 1e6,
                   awq_tflops=2 * m * n * k / awq / 1e9,
                   dense_gbps=(act_bytes + w.numel() * w.element_size()) / dense_ms / 1e6,
@@ -345,7 +377,7 @@ def ceilings() -> str:
     x = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
     y = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
     mm_ms = triton.testing.do_bench(lambda: x @ y, warmup=10, rep=50, return_mode="median")
-    return (f"ceilings: device-to-device copy {2 * 2 * 1024**3 / copy_ms / 1e9:.0f} GB/s (read + write), "
+    return (f"ceilings: device-to-device copy {2 * 2 * 1024**3 / copy_ms / 1e6:.0f} GB/s (read + write), "
             f"fp16 8192^3 matmul {2 * 8192**3 / mm_ms / 1e9:.0f} TFLOP/s")
 
 
@@ -453,7 +485,8 @@ def compile_report(capability: int) -> str:
 
 
 HEADER = ("| K x N | M | kernel | awq ms | dense ms | gemv ms | gemm ms | deq+mm ms | fastest | max rel err | awq GB/s "
-          "| awq TFLOP/s | dense GB/s | x dense | x deq+mm |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| awq TFLOP/s | dense GB/s | x dense | x deq+mm | eager awq ms | eager dense ms |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _fmt(v, spec=".4f"):
@@ -467,7 +500,7 @@ def markdown_row(r: Row) -> str:
     return (f"| {r.shape} | {r.m} | {r.kernel} | {_fmt(r.awq_ms)} | {_fmt(r.dense_ms)} | {_fmt(t('gemv'))} | "
             f"{_fmt(t('gemm', 'cpu-int4'))} | {_fmt(t('dequant+matmul', 'cpu-dequant+matmul'))} | {r.best} | "
             f"{max(r.rel_err.values()):.1e} | {r.awq_gbps:.1f} | {r.awq_tflops:.3f} | {r.dense_gbps:.1f} | "
-            f"{r.speedup_vs_dense:.2f} | {r.speedup_vs_deq_mm:.2f} |")
+            f"{r.speedup_vs_dense:.2f} | {r.speedup_vs_deq_mm:.2f} | {_fmt(r.eager_awq_ms)} | {_fmt(r.eager_dense_ms)} |")
 
 
 DECODE_HEADER = ("| model | layers | new tokens | mode | fp tokens/s | awq tokens/s | speed-up | quantized Linear | note |\n"

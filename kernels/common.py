@@ -42,7 +42,6 @@ import os
 
 import torch
 import triton
-import triton.testing
 import triton.language as tl
 
 from awq_nb.errors import AwqNbError
@@ -81,17 +80,47 @@ def dot_dtype(x_dtype: torch.dtype) -> tl.dtype:
                      "cast x (awq_matmul does this for float32).")
 
 
-def _fast_bench(kernel_call, quantiles):
-    """The autotuner's timer: CUDA-event medians over ~20 ms per candidate (Triton's default spends
-    ~125 ms), so tuning every (M bucket, N, K, g) key of a model takes seconds, not minutes."""
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+def graph_bench(fn, quantiles=None, calls: int = 20, replays: int = 7):
+    """GPU time of ``fn`` in ms without its Python launch cost: ``calls`` runs captured in one CUDA
+    graph, replayed ``replays`` times, CUDA events around each replay. Returns the median (or the
+    ``quantiles``, as ``triton.testing.do_bench`` does).
+
+    Why not ``do_bench``: a Triton launch costs tens to hundreds of microseconds of Python, more
+    than a decode-sized INT4 matmul runs, so eager timing measures the CPU and would make the
+    autotuner pick configs at random. Graph replay is also how serving engines run these kernels.
+    """
+    fn()  # compile / warm up outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    t = torch.tensor(times)
+    if quantiles is not None:
+        return torch.quantile(t, torch.tensor(quantiles, dtype=t.dtype)).tolist()
+    return t.median().item()
 
 
 def autotuner(fn, candidates: tuple[triton.Config, ...], key: list[str], prune=None):
-    """``triton.autotune`` over ``candidates`` with the faster timer where this Triton accepts one."""
+    """``triton.autotune`` over ``candidates``, timed by :func:`graph_bench` where this Triton
+    accepts a timer (3.2 and later)."""
     options = {"prune_configs_by": {"early_config_prune": prune}} if prune else {}
     if len(candidates) > 1 and "do_bench" in inspect.signature(triton.autotune).parameters:
-        options["do_bench"] = _fast_bench
+        options["do_bench"] = graph_bench
     return triton.autotune(configs=list(candidates), key=key, **options)(fn)
 
 
