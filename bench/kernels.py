@@ -253,6 +253,18 @@ def bench_shape(k: int, n: int, batches: list[int], device: str, dtype: torch.dt
     return rows
 
 
+def autotune_choices() -> str:
+    """The config each Triton kernel's autotuner settled on, per key (printed after a GPU run)."""
+    import importlib
+
+    lines = []
+    for name in ("gemv", "gemm", "dequant"):
+        module = importlib.import_module(f"awq_nb.kernels.{name}")
+        for key, config in module._tuned(module.configs(False)).cache.items():
+            lines.append(f"autotuned {name} {key[:4]}: {config.kwargs} warps={config.num_warps} stages={config.num_stages}")
+    return "\n".join(lines)
+
+
 def threshold_summary(rows: list[Row]) -> str:
     """Per M: how often each strategy was fastest, and its geometric-mean speed-up over dense."""
     lines = ["| M | fastest strategy (shapes won) | dispatcher's pick | pick's geo-mean x dense | best's geo-mean x dense |",
@@ -604,6 +616,8 @@ def main(argv=None) -> int:
             rows += bench_shape(k, n, batches, device, dtype, timer, triton_kernels)
             save()
         print("\n" + threshold_summary(rows), flush=True)
+        if device == "cuda":
+            print(autotune_choices(), flush=True)
     if not args.no_decode:
         print(DECODE_HEADER, flush=True)
         decode += bench_decode(device, quick=device == "cpu")

@@ -164,29 +164,41 @@ def repeat_words_8(words):
 
 
 @triton.jit
+def load_word_tile(ptr, rows, stride, row_ok, n_start, N, BLOCK_N: tl.constexpr, GATHER: tl.constexpr):
+    """``[R, BLOCK_N]`` int32: for each column ``n_start + j`` the packed word holding its nibble, from
+    rows ``rows [R, 1]`` of a ``[.., N/8]`` tensor. GATHER loads each word once per column (the
+    eight loads of a word coalesce into one transaction); otherwise the BLOCK_N/8 words are loaded
+    once and repeated with ``tl.interleave``. Which is faster is left to the autotuner."""
+    if GATHER:
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        return tl.load(ptr + rows * stride + (offs_n // 8)[None, :], mask=row_ok & (offs_n[None, :] < N), other=0)
+    else:
+        offs_w = n_start // 8 + tl.arange(0, BLOCK_N // 8)
+        words = tl.load(ptr + rows * stride + offs_w[None, :], mask=row_ok & (offs_w[None, :] < N // 8), other=0)
+        return repeat_words_8(words)
+
+
+@triton.jit
 def load_codes_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
                     k_start, n_start, K, N,
-                    GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                    GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr):
     """The raw pieces of a tile that lies in one group (``GROUP_SIZE % BLOCK_K == 0``): codes
     ``q [BLOCK_K, BLOCK_N]`` int32, zeros ``z [1, BLOCK_N]`` int32 and scales ``s [1, BLOCK_N]``.
     Rows ``>= K`` and columns ``>= N`` have ``q = z = 0`` and ``s = 0``."""
     offs_k = k_start + tl.arange(0, BLOCK_K)
     offs_n = n_start + tl.arange(0, BLOCK_N)
-    offs_w = n_start // 8 + tl.arange(0, BLOCK_N // 8)
-    w_ok = offs_w[None, :] < N // 8  # N is a multiple of 8, so this is "column < N"
     shifts = awq_shifts(offs_n)[None, :]
-    words = tl.load(qweight_ptr + offs_k[:, None] * stride_qk + offs_w[None, :], mask=(offs_k[:, None] < K) & w_ok,
-                    other=0)
-    group = k_start // GROUP_SIZE
-    zero_words = tl.load(qzeros_ptr + group * stride_zk + offs_w[None, :], mask=w_ok, other=0)
+    words = load_word_tile(qweight_ptr, offs_k[:, None], stride_qk, offs_k[:, None] < K, n_start, N, BLOCK_N, GATHER)
+    group = k_start // GROUP_SIZE + tl.zeros((1, 1), dtype=tl.int32)
+    zero_words = load_word_tile(qzeros_ptr, group, stride_zk, group >= 0, n_start, N, BLOCK_N, GATHER)
     s = tl.load(scales_ptr + group * stride_sk + offs_n[None, :], mask=offs_n[None, :] < N, other=0)
-    return (repeat_words_8(words) >> shifts) & 0xF, (repeat_words_8(zero_words) >> shifts) & 0xF, s
+    return (words >> shifts) & 0xF, (zero_words >> shifts) & 0xF, s
 
 
 @triton.jit
 def load_weight_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
                      k_start, n_start, K, N,
-                     GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                     GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr):
     """Load and dequantize ``W^T[k_start : k_start + BLOCK_K, n_start : n_start + BLOCK_N]``.
 
     ``k_start`` and ``n_start`` are multiples of BLOCK_K and BLOCK_N; BLOCK_N is a multiple of 8.
@@ -196,16 +208,14 @@ def load_weight_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, 
     if GROUP_SIZE % BLOCK_K == 0:
         # The tile lies in one group: one row of zeros and scales, broadcast over the tile.
         q, z, s = load_codes_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
-                                  k_start, n_start, K, N, GROUP_SIZE, BLOCK_K, BLOCK_N)
+                                  k_start, n_start, K, N, GROUP_SIZE, BLOCK_K, BLOCK_N, GATHER)
         return ((q - z).to(tl.float32) * s.to(tl.float32)).to(s.dtype)
     # BLOCK_K spans several groups: gather the group row for every k.
     offs_k = k_start + tl.arange(0, BLOCK_K)
     offs_n = n_start + tl.arange(0, BLOCK_N)
-    offs_w = n_start // 8 + tl.arange(0, BLOCK_N // 8)
     k_ok = offs_k[:, None] < K
-    w_ok = offs_w[None, :] < N // 8
-    qw = repeat_words_8(tl.load(qweight_ptr + offs_k[:, None] * stride_qk + offs_w[None, :], mask=k_ok & w_ok, other=0))
+    qw = load_word_tile(qweight_ptr, offs_k[:, None], stride_qk, k_ok, n_start, N, BLOCK_N, GATHER)
     group = offs_k[:, None] // GROUP_SIZE
-    qz = repeat_words_8(tl.load(qzeros_ptr + group * stride_zk + offs_w[None, :], mask=k_ok & w_ok, other=0))
+    qz = load_word_tile(qzeros_ptr, group, stride_zk, k_ok, n_start, N, BLOCK_N, GATHER)
     s = tl.load(scales_ptr + group * stride_sk + offs_n[None, :], mask=k_ok & (offs_n[None, :] < N), other=0)
     return dequantize_tile(qw, qz, s, awq_shifts(offs_n))

@@ -49,11 +49,11 @@ from .validate import check_activation, check_awq_weight
 def configs(interpret: bool) -> tuple[triton.Config, ...]:
     """Autotune candidates. Under the interpreter: one config with large tiles (fewest programs)."""
     if interpret:
-        return (triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 2}, num_warps=4, num_stages=1,
-                              pre_hook=zero_workspace_if_split),)
-    return tuple(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st,
-                               pre_hook=zero_workspace_if_split)
-                 for bm, bn, bk, sk, w, st in GPU_CANDIDATES)
+        return (triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 2, "GATHER": True}, num_warps=4,
+                              num_stages=1, pre_hook=zero_workspace_if_split),)
+    return tuple(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "GATHER": gather}, num_warps=w,
+                               num_stages=st, pre_hook=zero_workspace_if_split)
+                 for bm, bn, bk, sk, w, st in GPU_CANDIDATES for gather in (True, False))
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); _prune keeps the rows whose
@@ -96,6 +96,7 @@ def _gemm_kernel(
     # meta-parameters
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    GATHER: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -110,7 +111,7 @@ def _gemm_kernel(
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0)
         w = load_weight_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
-                             k_start, pid_n * BLOCK_N, K, N, GROUP_SIZE, BLOCK_K, BLOCK_N)
+                             k_start, pid_n * BLOCK_N, K, N, GROUP_SIZE, BLOCK_K, BLOCK_N, GATHER)
         acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc)
 
     mask = m_ok[:, None] & (offs_n[None, :] < N)

@@ -49,11 +49,11 @@ PRODUCT_ELEMENTS_PER_THREAD = 64  # register budget for the [BLOCK_M, BLOCK_K, B
 def configs(interpret: bool) -> tuple[triton.Config, ...]:
     """Autotune candidates (pruned by :func:`_prune` for the batch's BLOCK_M). One under the interpreter."""
     if interpret:
-        return (triton.Config({"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1, "FACTOR_GROUP": True}, num_warps=4,
-                              num_stages=1, pre_hook=zero_workspace_if_split),)
-    return tuple(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "FACTOR_GROUP": factor}, num_warps=w,
-                               num_stages=st, pre_hook=zero_workspace_if_split)
-                 for bn, bk, sk, w, st in GPU_CANDIDATES for factor in (True, False))
+        return (triton.Config({"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1, "FACTOR_GROUP": True, "GATHER": False},
+                              num_warps=4, num_stages=1, pre_hook=zero_workspace_if_split),)
+    return tuple(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "FACTOR_GROUP": factor, "GATHER": gather},
+                               num_warps=w, num_stages=st, pre_hook=zero_workspace_if_split)
+                 for bn, bk, sk, w, st in GPU_CANDIDATES for factor in (True, False) for gather in (True, False))
 
 
 # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), each tried with and without FACTOR_GROUP (the
@@ -91,6 +91,7 @@ def _gemv_kernel(
     # meta-parameters
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, FACTOR_GROUP: tl.constexpr,
+    GATHER: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -107,13 +108,13 @@ def _gemv_kernel(
             # The tile lies in one group, so sum_k x_k (q_kn - z_n) s_n = s_n (sum_k x_k q_kn - z_n sum_k x_k):
             # per weight only unpack, convert and multiply-add; zero and scale once per column.
             q, z, s = load_codes_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
-                                      k_start, pid_n * BLOCK_N, K, N, GROUP_SIZE, BLOCK_K, BLOCK_N)
+                                      k_start, pid_n * BLOCK_N, K, N, GROUP_SIZE, BLOCK_K, BLOCK_N, GATHER)
             xq = tl.sum(a[:, :, None] * q.to(tl.float32)[None, :, :], axis=1)      # [BLOCK_M, BLOCK_N]
             xz = tl.sum(a, axis=1)[:, None] * z.to(tl.float32)                        # [BLOCK_M, BLOCK_N]
             acc += (xq - xz) * s.to(tl.float32)
         else:
             w = load_weight_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
-                                 k_start, pid_n * BLOCK_N, K, N, GROUP_SIZE, BLOCK_K, BLOCK_N).to(tl.float32)
+                                 k_start, pid_n * BLOCK_N, K, N, GROUP_SIZE, BLOCK_K, BLOCK_N, GATHER).to(tl.float32)
             acc += tl.sum(a[:, :, None] * w[None, :, :], axis=1)
 
     mask = m_ok[:, None] & (offs_n[None, :] < N)

@@ -242,11 +242,14 @@ def test_triton_other_dtype_bias_pairs(kernel, group_size, dtype, with_bias):
 
 @pytest.mark.skipif(ON_GPU, reason="swaps the interpreter's single config to reach the other split-K branch")
 @pytest.mark.parametrize("module_name, change", [("gemm", {"SPLIT_K": 1}), ("gemv", {"SPLIT_K": 3}),
-                                                  ("gemv", {"FACTOR_GROUP": False})])
+                                                  ("gemv", {"FACTOR_GROUP": False}), ("gemm", {"GATHER": False}),
+                                                  ("gemv", {"GATHER": True}),
+                                                  ("gemv", {"GATHER": True, "FACTOR_GROUP": False})])
 def test_triton_other_config_branches(monkeypatch, module_name, change):
     # The interpreter configs use SPLIT_K=2 (GEMM, atomics) and SPLIT_K=1 (GEMV, direct store);
     # this runs the opposite branch of each, including a split that does not divide the K-blocks,
-    # and the GEMV without the per-group factoring of zeros and scales (g=128 is one BLOCK_K).
+    # the GEMV without the per-group factoring of zeros and scales (g=128 is one BLOCK_K), and
+    # the other way of unpacking the packed words (GATHER) in each kernel.
     import importlib
 
     import triton
