@@ -1,7 +1,8 @@
 """``awq_matmul``: one entry point that picks the INT4 matmul strategy from the batch size.
 
-CUDA (the thresholds are PROVISIONAL: educated guesses until ``bench/gpu_check.sh`` has measured
-them on the lent H100/H200; update them and docs/kernels.md together)::
+CUDA (thresholds from the H200 run of 2026-11-28, docs/gpu-runs/2026-11-28-h200.md: at M = 2..8
+the tl.dot GEMM beat the GEMV on 8 of 8 shapes, at M = 16..64 on 7 of 8, and from M = 128 on
+dequantize + cuBLAS won 7-8 of 8; re-measure with ``bench/gpu_check.sh`` after kernel changes)::
 
     M <= GEMV_MAX_M            -> kernels/gemv.py   (broadcast + tl.sum, weight-bandwidth bound)
     M <= GEMM_MAX_M            -> kernels/gemm.py   (tl.dot, dequantized in registers, split-K)
@@ -26,8 +27,8 @@ from awq_nb.errors import AwqNbError
 from .cpu import CpuInt4Weight, matmul_dequant_cpu, matmul_int4_cpu
 from .validate import check_activation, check_awq_weight
 
-GEMV_MAX_M = 8            # provisional: largest batch sent to the GEMV kernel
-GEMM_MAX_M = 256          # provisional: largest batch sent to the fused tl.dot GEMM
+GEMV_MAX_M = 1            # largest batch sent to the GEMV kernel (measured, H200 2026-11-28)
+GEMM_MAX_M = 64           # largest batch sent to the fused tl.dot GEMM (measured, H200 2026-11-28)
 MIN_MMA_CAPABILITY = (8, 0)  # Triton >= 3.3 emits tensor-core tl.dot only from sm80 on
 
 GEMV, GEMM, DEQUANT_MATMUL = "gemv", "gemm", "dequant+matmul"

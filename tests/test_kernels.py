@@ -375,8 +375,10 @@ def test_cpu_int4_rejects_unsupported_layers():
         dispatch.awq_matmul(random_x(1, 128, torch.float16, device="cpu"), q2, z2, s2, 32, cpu_weight=cpu_weight)
 
 
-def test_package_import_does_not_import_triton():
+def test_package_import_does_not_import_triton(tmp_path):
     code = ("import sys, awq_nb.kernels as k; k.awq_matmul; k.gemm_ref; k.AWQ_ORDER; "
             "assert 'triton' not in sys.modules, 'triton imported'")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    # From a scratch folder: in the repository root `python -c` would import the source tree, whose
+    # awq_nb/ has no kernels/ (that mapping is the installed package's, or bench/gpu_check.sh's).
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path)
