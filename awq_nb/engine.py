@@ -114,6 +114,7 @@ def _search_block(
     original = {n: weight_nk(m).float().clone() for n, m in block_linears(work).items()}
     scale_recs = []
     searched = []
+    sigmas: dict[int, torch.Tensor] = {}  # Gram matrix of each recorded input, shared with the error report
     for rg in groups:
         lnames = [names[id(m)] for m in rg.layers]
         if any(_kept(f"{prefix}.{n}", keep) for n in lnames):
@@ -122,14 +123,16 @@ def _search_block(
         weights = [weight_nk(m).float() for m in rg.layers]
         if len(rg.layers) == 1 and rg.inspect is rg.layers[0]:
             x = torch.cat(tr.inputs[lnames[0]], 0).float()
-            sigma = gram(x)
+            sigma = sigmas[id(tr.inputs[lnames[0]][0])] = gram(x)
             w0 = weights[0]
             numel = x.shape[0] * x.shape[1] * w0.shape[0]
             loss_fn = lambda eff, sigma=sigma, w0=w0, numel=numel: gram_loss(eff[0] - w0, sigma) / numel  # noqa: E731
         else:
             calls = [cast_floats(c, torch.float32) for c in tr.calls[rg.group.inspect]]
-            with torch.no_grad():
-                targets = [first_tensor(rg.inspect(*a, **k)) for a, k in calls]
+            targets = tr.targets.get(rg.group.inspect, [])
+            if len(targets) != len(calls) or any(t.dtype != torch.float32 for t in targets):
+                with torch.no_grad():  # the traced outputs are not fp32: recompute the fp32 targets
+                    targets = [first_tensor(rg.inspect(*a, **k)) for a, k in calls]
             loss_fn = _replay_loss(rg.inspect, rg.layers, calls, targets)
         alphas, losses, best_a, s = search_scales(
             x_mean, weights, loss_fn, config.w_bit, config.group_size, config.zero_point, config.n_grid, config.duo_scaling
@@ -170,14 +173,13 @@ def _search_block(
             clip_recs.append(ClipRecord(idx, n, max_val, best_r, ratios, before, after))
 
     errors = {}
-    sig_cache: dict[int, torch.Tensor] = {}
     for n, m in block_linears(work).items():
         if n not in tr.inputs or _kept(f"{prefix}.{n}", keep):
             continue
         first = tr.inputs[n][0]
-        if id(first) not in sig_cache:
-            sig_cache[id(first)] = gram(torch.cat(tr.inputs[n], 0))
-        sig = sig_cache[id(first)]
+        if id(first) not in sigmas:
+            sigmas[id(first)] = gram(torch.cat(tr.inputs[n], 0))
+        sig = sigmas[id(first)]
         w0 = original[n]
         tokens = sum(t[..., 0].numel() for t in tr.inputs[n])
         numel = tokens * w0.shape[0]

@@ -23,6 +23,7 @@ class BlockTrace:
     grams: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [G, g, g]
     inputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # name -> [b, T, K] per recorded chunk
     calls: dict[str, list[tuple[tuple, dict]]] = field(default_factory=dict)  # inspect name -> (args, kwargs)
+    targets: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # inspect name -> output per recorded call
     output: torch.Tensor | None = None
 
 
@@ -39,8 +40,19 @@ def trace_block(
     gram_for: set[str],
     group_size: int,
 ) -> BlockTrace:
-    """Run ``block`` over ``hidden [n, T, H]`` (in chunks) and gather a :class:`BlockTrace`."""
+    """Run ``block`` over ``hidden [n, T, H]`` (in chunks) and gather a :class:`BlockTrace`.
+
+    ``hidden`` is overwritten with the block's output (``tr.output`` is the same tensor); recorded
+    tensors that would alias it are cloned first."""
     tr = BlockTrace()
+    hidden_storage = hidden.untyped_storage().data_ptr()
+
+    def owned(t):
+        """``t``, cloned if it views ``hidden``, which is overwritten chunk by chunk below."""
+        if torch.is_tensor(t) and t.untyped_storage().data_ptr() == hidden_storage:
+            return t.clone()
+        return t
+
     sums: dict[str, torch.Tensor] = {}
     maxs: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -55,6 +67,8 @@ def trace_block(
             if cached is None:
                 xf = x.detach().reshape(-1, x.shape[-1]).float()
                 cached = {"sum": xf.abs().sum(0), "max": xf.abs().amax(0), "n": xf.shape[0], "x": x.detach()}
+                if recording["on"]:
+                    cached["x"] = owned(cached["x"])
                 per_call_cache[key] = cached
             sums[name] = sums.get(name, 0) + cached["sum"]
             maxs[name] = torch.maximum(maxs[name], cached["max"]) if name in maxs else cached["max"]
@@ -71,13 +85,20 @@ def trace_block(
     def inspect_hook(name):
         def hook(_m, a, kw):
             if recording["on"]:
-                tr.calls.setdefault(name, []).append((a, dict(kw)))
+                tr.calls.setdefault(name, []).append((tuple(owned(t) for t in a), {k: owned(v) for k, v in kw.items()}))
+
+        return hook
+
+    def target_hook(name):
+        def hook(_m, _a, _kw, out):
+            if recording["on"]:
+                tr.targets.setdefault(name, []).append(owned(first_tensor(out).detach()))
 
         return hook
 
     handles = [m.register_forward_pre_hook(linear_hook(n)) for n, m in linears.items()]
     handles += [m.register_forward_pre_hook(inspect_hook(n), with_kwargs=True) for n, m in inspect.items()]
-    outs = []
+    handles += [m.register_forward_hook(target_hook(n), with_kwargs=True) for n, m in inspect.items()]
     try:
         n = hidden.shape[0]
         starts = list(range(0, min(record_n, n), chunk)) + list(range(min(record_n, n), n, chunk))
@@ -85,12 +106,14 @@ def trace_block(
             e = min(s + chunk, record_n if s < record_n else n)
             recording["on"] = s < record_n
             per_call_cache.clear()
-            outs.append(first_tensor(block(hidden[s:e], *args, **kwargs)))
+            # The block's output replaces its input in place: one [n, T, H] buffer for the whole
+            # search instead of an input, a list of outputs and their concatenation.
+            hidden[s:e] = first_tensor(block(hidden[s:e], *args, **kwargs))
     finally:
         for h in handles:
             h.remove()
         per_call_cache.clear()
-    tr.output = torch.cat(outs, 0)
+    tr.output = hidden
     tr.stats = {
         name: ChannelStats(mean_abs=(sums[name] / counts[name]).cpu(), max_abs=maxs[name].cpu(), tokens=counts[name])
         for name in sums

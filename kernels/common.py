@@ -139,6 +139,38 @@ def finish_split_k(split_k: int, out: torch.Tensor, workspace: torch.Tensor, bia
     return workspace.to(out.dtype)
 
 
+def launch_matmul(name: str, kernel, grid, x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
+                  scales: torch.Tensor, bias: torch.Tensor | None, n: int, extra: tuple = (), **meta) -> torch.Tensor:
+    """Launch a GEMM/GEMV kernel with the shared argument list (tensors, sizes, strides, ``extra``)
+    and the split-K output protocol; ``grid(meta, m, n)`` gives the launch grid. Inputs are checked."""
+    check_launchable(x, name)
+    qweight, qzeros, scales = (t.contiguous() for t in (qweight, qzeros, scales))
+    m, k = x.shape
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    workspace = torch.empty((m, n), dtype=torch.float32, device=x.device)
+    kernel[lambda cfg: grid(cfg, m, n)](
+        x, qweight, qzeros, scales, bias if bias is not None else out, out, workspace,
+        m, n, k,
+        x.stride(0), x.stride(1), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
+        *extra, HAS_BIAS=bias is not None, **meta,
+    )
+    return finish_split_k(kernel.best_config.kwargs["SPLIT_K"], out, workspace, bias)
+
+
+@triton.jit
+def write_tile(acc, out_ptr, ws_ptr, bias_ptr, offs_m, offs_n, m_ok, N, stride_om,
+               HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Epilogue of the split-K protocol: store ``acc [BLOCK_M, BLOCK_N]`` (+ bias) in ``out``'s
+    dtype when the program owns its tile, else add it into the fp32 workspace atomically."""
+    mask = m_ok[:, None] & (offs_n[None, :] < N)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+
+
 @triton.jit
 def awq_shifts(offs_n):
     """Right-shift that brings column ``n``'s nibble to the bottom: 4 * AWQ_REVERSE_ORDER[n % 8]."""

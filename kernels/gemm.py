@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (autotuner, check_launchable, dot_dtype, finish_split_k, is_interpreting, load_weight_tile,
+from .common import (autotuner, dot_dtype, is_interpreting, launch_matmul, load_weight_tile, write_tile,
                      zero_workspace_if_split)
 from .validate import check_activation, check_awq_weight
 
@@ -114,13 +114,7 @@ def _gemm_kernel(
                              k_start, pid_n * BLOCK_N, K, N, GROUP_SIZE, BLOCK_K, BLOCK_N, GATHER)
         acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc)
 
-    mask = m_ok[:, None] & (offs_n[None, :] < N)
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+    write_tile(acc, out_ptr, ws_ptr, bias_ptr, offs_m, offs_n, m_ok, N, stride_om, HAS_BIAS, SPLIT_K)
 
 
 @functools.cache
@@ -144,18 +138,9 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
     """
     k, n = check_awq_weight(qweight, qzeros, scales, group_size)
     check_activation(x, k, qweight.device, bias, n)
-    check_launchable(x, "awq_gemm")
-    qweight, qzeros, scales = (t.contiguous() for t in (qweight, qzeros, scales))
-    m = x.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    workspace = torch.empty((m, n), dtype=torch.float32, device=x.device)
-    kernel = _tuned(configs(is_interpreting()))
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-    kernel[grid](
-        x, qweight, qzeros, scales, bias if bias is not None else out, out, workspace,
-        m, n, k,
-        x.stride(0), x.stride(1), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
-        triton.next_power_of_2(m),
-        GROUP_SIZE=group_size, HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype(x.dtype),
-    )
-    return finish_split_k(kernel.best_config.kwargs["SPLIT_K"], out, workspace, bias)
+    return launch_matmul("awq_gemm", _tuned(configs(is_interpreting())), _grid, x, qweight, qzeros, scales, bias, n,
+                         (triton.next_power_of_2(x.shape[0]),), GROUP_SIZE=group_size, DOT_DTYPE=dot_dtype(x.dtype))
+
+
+def _grid(meta, m, n):
+    return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]

@@ -37,7 +37,7 @@ import triton.language as tl
 
 from awq_nb.errors import AwqNbError
 
-from .common import (autotuner, check_launchable, finish_split_k, is_interpreting, load_codes_tile, load_weight_tile,
+from .common import (autotuner, is_interpreting, launch_matmul, load_codes_tile, load_weight_tile, write_tile,
                      zero_workspace_if_split)
 from .validate import check_activation, check_awq_weight
 
@@ -117,13 +117,7 @@ def _gemv_kernel(
                                  k_start, pid_n * BLOCK_N, K, N, GROUP_SIZE, BLOCK_K, BLOCK_N, GATHER).to(tl.float32)
             acc += tl.sum(a[:, :, None] * w[None, :, :], axis=1)
 
-    mask = m_ok[:, None] & (offs_n[None, :] < N)
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+    write_tile(acc, out_ptr, ws_ptr, bias_ptr, offs_m, offs_n, m_ok, N, stride_om, HAS_BIAS, SPLIT_K)
 
 
 @functools.cache
@@ -147,7 +141,6 @@ def awq_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
     """
     k, n = check_awq_weight(qweight, qzeros, scales, group_size)
     check_activation(x, k, qweight.device, bias, n)
-    check_launchable(x, "awq_gemv")
     m = x.shape[0]
     if not 1 <= m <= MAX_ROWS:
         raise AwqNbError(f"awq_gemv takes 1..{MAX_ROWS} rows, got x with M={m}; use awq_nb.kernels.awq_gemm "
@@ -155,15 +148,9 @@ def awq_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise AwqNbError(f"awq_gemv takes float16 or bfloat16 activations, got {x.dtype}; cast x "
                          "(awq_matmul does this for float32).")
-    qweight, qzeros, scales = (t.contiguous() for t in (qweight, qzeros, scales))
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    workspace = torch.empty((m, n), dtype=torch.float32, device=x.device)
-    kernel = _tuned(configs(is_interpreting()))
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-    kernel[grid](
-        x, qweight, qzeros, scales, bias if bias is not None else out, out, workspace,
-        m, n, k,
-        x.stride(0), x.stride(1), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
-        GROUP_SIZE=group_size, HAS_BIAS=bias is not None, BLOCK_M=max(triton.next_power_of_2(m), 1),
-    )
-    return finish_split_k(kernel.best_config.kwargs["SPLIT_K"], out, workspace, bias)
+    return launch_matmul("awq_gemv", _tuned(configs(is_interpreting())), _grid, x, qweight, qzeros, scales, bias, n,
+                         GROUP_SIZE=group_size, BLOCK_M=max(triton.next_power_of_2(m), 1))
+
+
+def _grid(meta, m, n):
+    return triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
