@@ -15,6 +15,9 @@ from torch import nn
 from .arch import ArchSpec, get_blocks
 
 
+CAPTURE_CHUNK = 16  # sequences per pass of the embeddings (the final norm's output is thrown away)
+
+
 class _Catcher(nn.Module):
     def __init__(self, layer: nn.Module, idx: int, store: dict):
         super().__init__()
@@ -96,11 +99,16 @@ def capture_inputs(model: nn.Module, spec: ArchSpec, tokens: torch.Tensor, devic
     moved = _move_non_block_tensors(model, spec, device)
     try:
         one = _catch(model, spec, tokens[:1].to(device))
-        full = _catch(model, spec, tokens.to(device))
+        hidden = None
+        for start in range(0, tokens.shape[0], CAPTURE_CHUNK):  # chunks keep the pass's temporaries small
+            part = _catch(model, spec, tokens[start : start + CAPTURE_CHUNK].to(device))[0][0]
+            if hidden is None:
+                hidden = part.new_empty((tokens.shape[0], *part.shape[1:]))
+            hidden[start : start + part.shape[0]] = part
     finally:
         _restore(moved)
     n_blocks = len(get_blocks(model, spec))
-    return BlockInputs(full[0][0], [one[i][1] for i in range(n_blocks)], [one[i][2] for i in range(n_blocks)])
+    return BlockInputs(hidden, [one[i][1] for i in range(n_blocks)], [one[i][2] for i in range(n_blocks)])
 
 
 def _to(x, dtype=None, device=None):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import sys
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 
 from .errors import AwqNbError
+from .memory import trim
 
 
 def _peak_rss_bytes() -> int:
@@ -96,6 +96,7 @@ def cmd_quantize(a) -> dict:
     result = search(model, blocks, config, device=a.device)
     apply_awq(model, result)
     seconds = time.perf_counter() - t_search
+    trim()  # before packing and saving allocate their copies (awq_nb/memory.py)
     packed = config.w_bit == 4 and config.zero_point and not a.fake_quant
     tmp = _prepare_out(out)
     try:

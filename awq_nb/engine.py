@@ -8,7 +8,6 @@ device at a time, so a model larger than GPU memory still quantizes.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from typing import Callable
 
@@ -21,7 +20,8 @@ from .config import AWQConfig
 from .errors import AwqNbError
 from .quantizer import fitting_group_sizes, pseudo_quantize
 from .results import AWQResult, ClipRecord, ScaleRecord
-from .search import apply_clip_, clip_ratio_grid, gram, gram_loss, scaled_quantized, search_clip, search_scales
+from .memory import trim
+from .search import apply_clip_, clip_ratio_grid, gram, gram_loss, search_clip, search_scales
 from .trace import BlockTrace, trace_block
 
 Progress = Callable[[int, int, str], None]
@@ -236,6 +236,7 @@ def search(
     model.eval()
     inp = capture_inputs(model, spec, tokens, device)
     hidden = inp.hidden
+    trim()  # the capture's temporaries (awq_nb/memory.py)
     blocks = get_blocks(model, spec)
     for i, block in enumerate(blocks):
         home = next(block.parameters()).device
@@ -253,6 +254,7 @@ def search(
         result.saliency.update({f"{prefix}.{n}": st for n, st in tr.stats.items()})
         hidden = tr.output
         del tr
+        trim()
         block.to(home)
         progress(i + 1, len(blocks), f"block {i + 1}/{len(blocks)}")
     model.train(was_training)
