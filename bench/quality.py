@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -121,7 +120,7 @@ def main(argv=None) -> int:
 
     fp = rows[0]["perplexity"]
     fp_bytes = rows[0]["size_bytes"]
-    print(f"\n| method | config | perplexity | gap to fp | size (MB) | quantize (s) | peak mem (GB) | peak / fp32 size |")
+    print("\n| method | config | perplexity | gap to fp | size (MB) | quantize (s) | peak mem (GB) | peak / fp32 size |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         gap = "" if r["method"] == "fp" else f"{r['perplexity'] - fp:+.3f}"
