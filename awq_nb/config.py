@@ -19,7 +19,10 @@ class AWQConfig:
     Scale search: ``n_grid`` values of alpha in [0, 1); per-channel scales
     ``s = mean|x|^alpha`` (``duo_scaling``: ``mean|x|^alpha / mean|w|^(1-alpha)``), normalised so
     that ``sqrt(max(s) * min(s)) = 1``. The loss is the fp32 MSE of the inspected module's output,
-    measured on the first ``search_samples`` calibration sequences.
+    measured on the first ``search_samples`` calibration sequences. ``prune_grid`` (exact, on by
+    default) stops summing a candidate's loss once it exceeds the best so far: the chosen alpha and
+    scales are those of the full grid, and the losses of such candidates are recorded as lower
+    bounds (``ScaleRecord.pruned``); alpha = 0 (plain rounding) is always measured in full.
 
     Clipping search: for each group, shrink its max |w| by ratios from 1.0 down towards
     ``1 - max_shrink`` in ``clip_grid`` steps, keep the ratio with the least output error over
@@ -35,6 +38,7 @@ class AWQConfig:
     n_grid: int = 20
     duo_scaling: bool = False
     search_samples: int = 16
+    prune_grid: bool = True
     clip: bool = True
     clip_grid: int = 20
     max_shrink: float = 0.5

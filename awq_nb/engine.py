@@ -8,6 +8,7 @@ device at a time, so a model larger than GPU memory still quantizes.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from typing import Callable
 
@@ -77,22 +78,54 @@ def _kept(name: str, keep: list[str]) -> bool:
 
 def _replay_loss(inspect: nn.Module, layers: list[nn.Module], calls: list, targets: list[torch.Tensor]):
     """A loss function for :func:`search_scales` that swaps effective weights into ``layers`` and
-    replays the recorded calls of ``inspect``."""
+    replays the recorded calls of ``inspect``, stopping early once the error passes ``bound``."""
     numel = sum(t.numel() for t in targets)
 
-    def loss_fn(eff: list[torch.Tensor]) -> float:
+    def loss_fn(eff: list[torch.Tensor], bound: float = math.inf) -> float:
         saved = [weight_nk(m).clone() for m in layers]
+        err = 0.0
         try:
             for m, e in zip(layers, eff):
                 weight_nk(m).copy_(e)
             with torch.no_grad():
-                err = sum(float((first_tensor(inspect(*a, **k)) - t).pow(2).sum()) for (a, k), t in zip(calls, targets))
+                for (a, k), t in zip(calls, targets):
+                    err += float((first_tensor(inspect(*a, **k)) - t).pow(2).sum())
+                    if err / numel > bound:
+                        break  # a lower bound that already loses: the caller records it as pruned
         finally:
             for m, w in zip(layers, saved):
                 weight_nk(m).copy_(w)
         return err / numel
 
     return loss_fn
+
+
+def _per_sequence(calls: list, targets: list[torch.Tensor]) -> tuple[list, list[torch.Tensor]]:
+    """Split recorded calls of ``b`` sequences into ``b`` calls of one, so a pruned candidate stops
+    after the sequence that proves it loses. Tensors whose first dimension is ``b`` are sliced
+    (hidden states, per-sequence masks); others (rotary tables, shared masks) are passed as they are."""
+    def take(x, b, i):
+        if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == b:
+            return x[i : i + 1]
+        if isinstance(x, tuple):
+            return tuple(take(v, b, i) for v in x)
+        if isinstance(x, list):
+            return [take(v, b, i) for v in x]
+        if isinstance(x, dict):
+            return {k: take(v, b, i) for k, v in x.items()}
+        return x
+
+    out_calls, out_targets = [], []
+    for (a, k), t in zip(calls, targets):
+        b = t.shape[0]
+        if b == 1:
+            out_calls.append((a, k))
+            out_targets.append(t)
+            continue
+        for i in range(b):
+            out_calls.append((take(a, b, i), take(k, b, i)))
+            out_targets.append(t[i : i + 1])
+    return out_calls, out_targets
 
 
 def _search_block(
@@ -103,8 +136,10 @@ def _search_block(
     config: AWQConfig,
     prefix: str,
     keep: list[str],
+    hints: dict,
 ) -> tuple[list[ScaleRecord], list[ClipRecord], dict]:
-    """Scale and clip search on an fp32 copy of one block (on the block's device)."""
+    """Scale and clip search on an fp32 copy of one block (on the block's device). ``hints`` maps a
+    scaling group (prev, inspect) to its best alpha in the previous block; updated here."""
     work = copy.deepcopy(block).float()
     names = {id(m): n for n, m in block_linears(work).items()}
     groups = resolve_groups(work, spec)
@@ -126,18 +161,24 @@ def _search_block(
             sigma = sigmas[id(tr.inputs[lnames[0]][0])] = gram(x)
             w0 = weights[0]
             numel = x.shape[0] * x.shape[1] * w0.shape[0]
-            loss_fn = lambda eff, sigma=sigma, w0=w0, numel=numel: gram_loss(eff[0] - w0, sigma) / numel  # noqa: E731
+            loss_fn = lambda eff, bound=math.inf, sigma=sigma, w0=w0, numel=numel: gram_loss(eff[0] - w0, sigma) / numel  # noqa: E731
         else:
             calls = [cast_floats(c, torch.float32) for c in tr.calls[rg.group.inspect]]
             targets = tr.targets.get(rg.group.inspect, [])
             if len(targets) != len(calls) or any(t.dtype != torch.float32 for t in targets):
                 with torch.no_grad():  # the traced outputs are not fp32: recompute the fp32 targets
                     targets = [first_tensor(rg.inspect(*a, **k)) for a, k in calls]
+            if config.prune_grid:
+                calls, targets = _per_sequence(calls, targets)
             loss_fn = _replay_loss(rg.inspect, rg.layers, calls, targets)
-        alphas, losses, best_a, s = search_scales(
-            x_mean, weights, loss_fn, config.w_bit, config.group_size, config.zero_point, config.n_grid, config.duo_scaling
+        hint = (rg.group.prev, rg.group.inspect)
+        alphas, losses, best_a, s, pruned = search_scales(
+            x_mean, weights, loss_fn, config.w_bit, config.group_size, config.zero_point, config.n_grid, config.duo_scaling,
+            prune=config.prune_grid, first_alpha=hints.get(hint, 0.5),
         )
-        scale_recs.append(ScaleRecord(idx, rg.group.prev, list(rg.group.layers), rg.group.inspect, alphas, losses, best_a, s))
+        hints[hint] = best_a
+        scale_recs.append(ScaleRecord(idx, rg.group.prev, list(rg.group.layers), rg.group.inspect, alphas, losses, best_a, s,
+                                      pruned))
         searched.append((rg, s))
     for rg, s in searched:  # fold after all searches, as each group was searched on the unscaled block
         fold_scales(work, rg, s.to(weight_nk(rg.layers[0]).device), spec)
@@ -238,6 +279,7 @@ def search(
     hidden = inp.hidden
     trim()  # the capture's temporaries (awq_nb/memory.py)
     blocks = get_blocks(model, spec)
+    hints: dict = {}
     for i, block in enumerate(blocks):
         home = next(block.parameters()).device
         block.to(device)
@@ -247,7 +289,7 @@ def search(
         gram_for = {n for n in linears if n not in spec.skip_clip and not _kept(f"{prefix}.{n}", keep)} if config.clip else set()
         args, kwargs = cast_floats(inp.args[i], device=device), cast_floats(inp.kwargs[i], device=device)
         tr = trace_block(block, linears, inspect, hidden, args, kwargs, config.block_chunk, config.search_samples, gram_for, config.group_size)
-        scales, clips, errors = _search_block(i, block, spec, tr, config, prefix, keep)
+        scales, clips, errors = _search_block(i, block, spec, tr, config, prefix, keep, hints)
         result.scales += scales
         result.clips += clips
         result.layer_errors.update(errors)

@@ -31,7 +31,8 @@ class ScaleRecord:
 
     ``prev`` absorbs ``1/scales`` (a norm or a Linear), ``layers`` are multiplied by ``scales``
     along their input channels. ``losses[i]`` is the output MSE for ``alphas[i]``
-    (``inf`` where a candidate gave NaN/inf and was skipped); ``loss_fp`` is the MSE at alpha=0
+    (``inf`` where a candidate gave NaN/inf and was skipped; a lower bound where ``pruned[i]``, i.e.
+the search stopped summing once it exceeded the best); ``loss_fp`` is the MSE at alpha=0
     (plain RTN), ``best_alpha`` the chosen one; ``scales`` is fp32 ``[K]``.
     """
 
@@ -43,6 +44,7 @@ class ScaleRecord:
     losses: list[float]
     best_alpha: float
     scales: torch.Tensor
+    pruned: list[bool] = field(default_factory=list)  # losses[i] is only a lower bound (prune_grid)
 
     @property
     def loss_rtn(self) -> float:

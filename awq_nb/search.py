@@ -83,33 +83,48 @@ def gram_loss(d: torch.Tensor, sigma: torch.Tensor) -> float:
 def search_scales(
     x_mean: torch.Tensor,
     weights: list[torch.Tensor],
-    loss_fn: Callable[[list[torch.Tensor]], float],
+    loss_fn: Callable[..., float],
     bits: int,
     group_size: int,
     zero_point: bool,
     n_grid: int,
     duo: bool = False,
+    prune: bool = False,
+    first_alpha: float = 0.5,
 ):
     """Grid search of alpha for one scaling group.
 
-    ``weights``: the group's Linear weights ``[N_i, K]``; ``loss_fn(effective_weights)`` returns
-    the output error of the inspected module given each Linear's effective weight
-    ``Q(W s)/s``. Returns ``(alphas, losses, best_alpha, best_scales)``; a candidate whose loss
-    is not finite is recorded as ``inf`` and never chosen.
+    ``weights``: the group's Linear weights ``[N_i, K]``; ``loss_fn(effective_weights, bound)``
+    returns the output error of the inspected module given each Linear's effective weight
+    ``Q(W s)/s``. A candidate whose loss is not finite is recorded as ``inf`` and never chosen.
+
+    ``prune`` (exact branch and bound): each candidate is given the best loss so far as ``bound``,
+    and ``loss_fn`` may stop summing its non-negative per-sequence errors as soon as the partial
+    sum exceeds it, returning that partial sum. Such a candidate cannot be the best, so the chosen
+    alpha and scales are those of the full grid. alpha = 0 (plain rounding) is always measured in
+    full; the rest go from ``first_alpha`` outwards (the previous block's best makes a tight
+    bound early). Returns ``(alphas, losses, best_alpha, best_scales, pruned)``; ``pruned[i]``
+    marks a loss that is only a lower bound.
     """
     w_mean = weight_mean(weights, group_size) if duo else None
     alphas = alpha_grid(n_grid)
-    losses = []
+    losses = [math.inf] * len(alphas)
+    pruned = [False] * len(alphas)
     best = (math.inf, 0.0, torch.ones_like(x_mean, dtype=torch.float32))
-    for a in alphas:
+    order = sorted(range(len(alphas)), key=lambda i: (alphas[i] != 0.0, abs(alphas[i] - first_alpha), alphas[i]))
+    for i in order:
+        a = alphas[i]
         s = candidate_scales(x_mean, a, w_mean).to(weights[0].device)
         eff = [scaled_quantized(w, s, bits, group_size, zero_point) for w in weights]
-        loss = loss_fn(eff)  # NaN/inf in a candidate weight propagates into its loss
+        bound = best[0] if prune and a != 0.0 else math.inf
+        loss = loss_fn(eff, bound)  # NaN/inf in a candidate weight propagates into its loss
         loss = loss if math.isfinite(loss) else math.inf
-        losses.append(loss)
-        if loss < best[0]:
+        losses[i] = loss
+        if loss > bound:
+            pruned[i] = True
+        elif loss < best[0]:
             best = (loss, a, s)
-    return alphas, losses, best[1], best[2].float().cpu()
+    return alphas, losses, best[1], best[2].float().cpu(), pruned
 
 
 def search_clip(

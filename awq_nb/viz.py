@@ -138,7 +138,8 @@ def plot_quant_error(err_before, err_after, ax=None, name: str = "", stats: Chan
 # -- scale search -----------------------------------------------------------------------------
 
 def plot_alpha_search(records: list[ScaleRecord], ax=None, block: int | None = None, relative: bool = True):
-    """Output loss against alpha, one line per scaling group; the chosen alpha is a dot.
+    """Output loss against alpha, one line per scaling group; the chosen alpha is a dot, and losses
+    the pruned search only bounded from below (``ScaleRecord.pruned``) are hollow marks.
 
     ``relative``: divide each curve by its alpha=0 loss (plain RTN), so 1.0 means "no better than
     RTN" and groups of different size share one axis. ``block`` keeps one decoder block.
@@ -150,18 +151,26 @@ def plot_alpha_search(records: list[ScaleRecord], ax=None, block: int | None = N
     labels = list(dict.fromkeys(group_label(r) for r in recs))
     colors = {lab: f"C{i % 10}" for i, lab in enumerate(labels)}
     best_x, best_y, seen = [], [], set()
+    bound_x, bound_y = [], []
     for r in recs:
         y = _np(r.losses)
         y[~np.isfinite(y)] = np.nan  # skipped candidates
         base = r.loss_rtn
         if relative and math.isfinite(base) and base > 0:
             y = y / base
+        cut = np.array(r.pruned, dtype=bool) if len(r.pruned) == len(y) else np.zeros(len(y), dtype=bool)
+        bound_x += [a for a, c in zip(r.alphas, cut) if c]
+        bound_y += list(y[cut])
+        y = np.where(cut, np.nan, y)  # a pruned loss is only a lower bound: drawn as a hollow mark
         lab = group_label(r)
-        ax.plot(r.alphas, y, color=colors[lab], linewidth=1.0, alpha=0.8, gid="data",
+        ax.plot(r.alphas, y, color=colors[lab], linewidth=1.0, alpha=0.8, marker=".", markersize=3, gid="data",
                 label=lab if lab not in seen else None)
         seen.add(lab)
         best_x.append(r.best_alpha)
         best_y.append(y[r.alphas.index(r.best_alpha)] if r.best_alpha in r.alphas else np.nanmin(y))
+    if bound_x:
+        ax.scatter(bound_x, bound_y, facecolors="none", edgecolors="gray", s=14, linewidths=0.8, gid="pruned",
+                   label="at least this (search stopped early)")
     ax.scatter(best_x, best_y, color="black", s=16, zorder=3, gid="best_alpha", label="chosen alpha")
     if relative:
         ax.axhline(1.0, color=RTN_COLOR, linestyle="--", linewidth=0.8, gid="reference")

@@ -33,6 +33,27 @@ def test_search_leaves_model_untouched_and_returns_data(family):
     assert set(res.layer_errors) == names
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "opt", "gpt2", "gpt_neox", "phi3"])
+def test_pruned_grid_search_chooses_exactly_what_the_full_grid_chooses(family):
+    # prune_grid replays the recorded calls one sequence at a time and stops a losing candidate
+    # early; splitting each family's call arguments per sequence must not change any loss.
+    model = tiny_model(family)
+    calib = _calib(n=6, t=24, seed=3)
+    base = dict(w_bit=3, group_size=32, n_grid=8, search_samples=4, block_chunk=2)
+    full = awq_nb.search(model, calib, awq_nb.AWQConfig(**base, prune_grid=False), progress=lambda *a: None)
+    fast = awq_nb.search(model, calib, awq_nb.AWQConfig(**base, prune_grid=True), progress=lambda *a: None)
+    assert len(full.scales) == len(fast.scales)
+    for a, b in zip(full.scales, fast.scales):
+        assert (a.block, a.inspect) == (b.block, b.inspect)
+        assert b.best_alpha == a.best_alpha, f"block {a.block} {a.inspect}"
+        torch.testing.assert_close(b.scales, a.scales)
+        assert not any(a.pruned) and len(b.pruned) == len(b.losses)
+        for la, lb, cut in zip(a.losses, b.losses, b.pruned):
+            assert (a.best_loss < lb <= la * (1 + 1e-5)) if cut else lb == pytest.approx(la, rel=1e-5)
+    for a, b in zip(full.clips, fast.clips):
+        torch.testing.assert_close(b.max_val, a.max_val)
+
+
 def test_saliency_matches_a_direct_measurement():
     model = tiny_model("llama_mha")
     calib = _calib()

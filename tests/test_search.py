@@ -1,6 +1,7 @@
 """The search maths on plain tensors."""
 import math
 
+import pytest
 import torch
 
 from awq_nb.quantizer import pseudo_quantize
@@ -42,15 +43,15 @@ def test_scale_search_picks_argmin_and_skips_nonfinite():
     x_mean = x.abs().mean(0)
     calls = []
 
-    def loss(eff):
+    def loss(eff, bound=math.inf):
         calls.append(1)
         if len(calls) == 3:
             return float("nan")  # a broken candidate must be skipped, not chosen or raised
         return gram_loss(eff[0] - w, sigma)
 
-    alphas, losses, best, s = search_scales(x_mean, [w], loss, 3, 32, True, n_grid=10)
-    assert alphas == alpha_grid(10) and len(losses) == 10
-    assert losses[2] == math.inf
+    alphas, losses, best, s, pruned = search_scales(x_mean, [w], loss, 3, 32, True, n_grid=10)
+    assert alphas == alpha_grid(10) and len(losses) == 10 and not any(pruned)
+    assert sum(l == math.inf for l in losses) == 1
     finite = [l for l in losses if math.isfinite(l)]
     assert best == alphas[losses.index(min(finite))]
     assert min(finite) < losses[0], "activation-aware scales should beat RTN on outlier channels"
@@ -72,3 +73,36 @@ def test_clip_search_never_worse_and_applies():
     assert float(wc.abs().max()) <= float(max_val.max()) + 1e-6
     err = lambda v: gram_loss(pseudo_quantize(v, 3, 64) - w, gram(x))  # noqa: E731
     assert err(wc) < err(w)
+
+
+def test_pruned_scale_search_is_exact_and_stops_losers_early():
+    # loss = sum over 16 "sequences" of non-negative errors; with prune=True a candidate may stop
+    # once its partial sum passes the bound, and the search must still return the full-grid argmin.
+    torch.manual_seed(2)
+    xs = [torch.randn(64, 64) * torch.linspace(0.1, 8, 64) for _ in range(16)]
+    w = torch.randn(16, 64)
+    sigmas = [gram(x) for x in xs]
+    x_mean = torch.cat(xs).abs().mean(0)
+    summed = {"full": 0, "pruned": 0}
+
+    def loss(eff, bound=math.inf, mode="full"):
+        total = 0.0
+        for sig in sigmas:
+            total += gram_loss(eff[0] - w, sig)
+            summed[mode] += 1
+            if total > bound:
+                break
+        return total
+
+    full = search_scales(x_mean, [w], lambda e, b=math.inf: loss(e, b, "full"), 3, 32, True, n_grid=20)
+    fast = search_scales(x_mean, [w], lambda e, b=math.inf: loss(e, b, "pruned"), 3, 32, True, n_grid=20,
+                         prune=True, first_alpha=full[2])
+    assert fast[2] == full[2]
+    torch.testing.assert_close(fast[3], full[3])
+    assert not fast[4][0] and fast[1][0] == full[1][0], "alpha = 0 (RTN) is always measured in full"
+    for lf, lp, cut in zip(full[1], fast[1], fast[4]):
+        if cut:
+            assert min(full[1]) < lp <= lf, "a pruned loss is a lower bound above the best"
+        else:
+            assert lp == pytest.approx(lf)
+    assert any(fast[4]) and summed["pruned"] < summed["full"]

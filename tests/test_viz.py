@@ -216,3 +216,16 @@ def test_viz_module_is_only_a_consumer():
     import awq_nb.results as results
     src = open(results.__file__).read()
     assert "matplotlib" not in src
+
+
+def test_alpha_search_marks_pruned_losses_as_bounds():
+    recs = _scale_records()
+    r = recs[0]
+    r.pruned = [a > 0.5 for a in r.alphas]
+    fig = viz.plot_alpha_search([r], relative=False)
+    ax = fig.axes[0]
+    (line,) = _gid(ax, "data")
+    y = np.asarray(line.get_ydata(), dtype=float)
+    assert np.isnan(y[np.array(r.pruned)]).all() and np.isfinite(y[~np.array(r.pruned)]).all()
+    (hollow,) = _gid(ax, "pruned")
+    np.testing.assert_allclose(hollow.get_offsets()[:, 0], [a for a in r.alphas if a > 0.5])
