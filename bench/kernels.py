@@ -8,20 +8,23 @@
 
 Per (K x N, M) row, side by side in one run:
 
-* ``awq``: ``awq_matmul`` (what the dispatcher picks, named in the ``kernel`` column);
+* every INT4 strategy (GPU: ``gemv`` up to 8 rows, ``gemm``, ``dequant+matmul``; CPU: the torch int4
+  kernel and dequantize + matmul), each checked against ``x @ dequantized W`` in fp32 (the run
+  fails on a relative error above MAX_REL_ERR) and timed; ``kernel`` names what ``awq_matmul``'s
+  dispatcher picks and ``awq ms`` is that strategy's time, ``fastest`` the best one measured;
 * ``dense``: ``F.linear`` with the dense weight in the activation dtype (fp16 on GPU; bf16 on CPU,
-  where fp16 matmul has no fast kernel);
-* ``deq+mm``: dequantize every call, then the dense matmul (the naive INT4 path);
-* ``gemv`` / ``gemm``: the two Triton kernels forced (GPU only), to place the dispatch thresholds.
+  where fp16 matmul has no fast kernel).
 
 Bytes for GB/s are the fewest a kernel must move: activations + packed weight + zeros + scales +
-output for AWQ (the dense weight for ``dense``). TFLOP/s counts ``2*M*N*K``. GPU times are medians
-of ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs); CPU times are the fastest of
-CPU_REPS ``time.perf_counter`` runs (the CPU boxes are shared, so the minimum is the stable figure).
+output for AWQ (the dense weight for ``dense``). TFLOP/s counts ``2*M*N*K``. GPU times are CUDA-graph
+replays over weight copies that overflow L2 (see :class:`Timer`), plus one eager call per row to
+show the Python launch cost; CPU times are the fastest of CPU_REPS runs. A GPU run ends with the
+fastest strategy per batch size (to place the dispatch thresholds) and the autotuned configs.
 
-Decode: a random Llama with Llama-7B widths (hidden 4096, intermediate 11008, 32 heads; fewer
-layers than 32, as printed) decodes greedily with a KV cache, fp16 vs AWQ (Linear layers of the
-decoder replaced; lm_head stays dense). ``--quick`` uses a tiny Llama on CPU.
+Decode (batch 1, greedy): random Llama models with Llama-7B and SmolLM2-135M shapes, fp16 vs AWQ
+(decoder Linears replaced by ``WQLinear``; lm_head stays dense), through transformers' eager loop
+and through ``awq_nb.graph_decode.StaticDecoder`` (one CUDA graph per token on GPU). ``--quick``
+uses a tiny Llama on CPU; ``--dry-run`` runs the GPU code path under Triton's interpreter.
 """
 from __future__ import annotations
 
