@@ -81,31 +81,35 @@ def _replay_loss(inspect: nn.Module, layers: list[nn.Module], calls: list, targe
     replays the recorded calls of ``inspect``, stopping early once the error passes ``bound``."""
     numel = sum(t.numel() for t in targets)
 
-    def loss_fn(eff: list[torch.Tensor], bound: float = math.inf) -> float:
+    def loss_fn(eff: list[torch.Tensor], bound: float = math.inf) -> tuple[float, bool]:
         saved = [weight_nk(m).clone() for m in layers]
-        err = 0.0
+        err, done = 0.0, 0
         try:
             for m, e in zip(layers, eff):
                 weight_nk(m).copy_(e)
             with torch.no_grad():
                 for (a, k), t in zip(calls, targets):
                     err += float((first_tensor(inspect(*a, **k)) - t).pow(2).sum())
+                    done += 1
                     if err / numel > bound:
-                        break  # a lower bound that already loses: the caller records it as pruned
+                        break  # already loses: a lower bound is all the caller needs
         finally:
             for m, w in zip(layers, saved):
                 weight_nk(m).copy_(w)
-        return err / numel
+        return err / numel, done == len(calls)
 
     return loss_fn
 
 
 def _per_sequence(calls: list, targets: list[torch.Tensor]) -> tuple[list, list[torch.Tensor]]:
     """Split recorded calls of ``b`` sequences into ``b`` calls of one, so a pruned candidate stops
-    after the sequence that proves it loses. Tensors whose first dimension is ``b`` are sliced
-    (hidden states, per-sequence masks); others (rotary tables, shared masks) are passed as they are."""
+    after the sequence that proves it loses (both search modes replay the same calls, so their
+    losses agree to the bit). ``b`` is the batch size of the hidden states (the first positional
+    argument, or ``hidden_states``); tensors of two or more dimensions whose first is ``b`` are
+    sliced (hidden states, per-sequence masks), everything else (rotary tables, shared masks, 1-D
+    positions) is passed as it is."""
     def take(x, b, i):
-        if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == b:
+        if torch.is_tensor(x) and x.dim() >= 2 and x.shape[0] == b:
             return x[i : i + 1]
         if isinstance(x, tuple):
             return tuple(take(v, b, i) for v in x)
@@ -117,8 +121,9 @@ def _per_sequence(calls: list, targets: list[torch.Tensor]) -> tuple[list, list[
 
     out_calls, out_targets = [], []
     for (a, k), t in zip(calls, targets):
-        b = t.shape[0]
-        if b == 1:
+        x = a[0] if a else k.get("hidden_states")
+        b = x.shape[0] if torch.is_tensor(x) and x.dim() >= 2 else 1
+        if b == 1 or t.shape[0] != b:
             out_calls.append((a, k))
             out_targets.append(t)
             continue
@@ -161,15 +166,16 @@ def _search_block(
             sigma = sigmas[id(tr.inputs[lnames[0]][0])] = gram(x)
             w0 = weights[0]
             numel = x.shape[0] * x.shape[1] * w0.shape[0]
-            loss_fn = lambda eff, bound=math.inf, sigma=sigma, w0=w0, numel=numel: gram_loss(eff[0] - w0, sigma) / numel  # noqa: E731
+            loss_fn = lambda eff, bound=math.inf, sigma=sigma, w0=w0, numel=numel: (gram_loss(eff[0] - w0, sigma) / numel, True)  # noqa: E731
         else:
             calls = [cast_floats(c, torch.float32) for c in tr.calls[rg.group.inspect]]
-            targets = tr.targets.get(rg.group.inspect, [])
-            if len(targets) != len(calls) or any(t.dtype != torch.float32 for t in targets):
-                with torch.no_grad():  # the traced outputs are not fp32: recompute the fp32 targets
+            traced = tr.targets.get(rg.group.inspect, [])
+            if len(traced) == len(calls) and all(t.dtype == torch.float32 and t._version == v for t, v in traced):
+                targets = [t for t, _ in traced]
+            else:  # not fp32, or the block edited its module's output in place: recompute them
+                with torch.no_grad():
                     targets = [first_tensor(rg.inspect(*a, **k)) for a, k in calls]
-            if config.prune_grid:
-                calls, targets = _per_sequence(calls, targets)
+            calls, targets = _per_sequence(calls, targets)
             loss_fn = _replay_loss(rg.inspect, rg.layers, calls, targets)
         hint = (rg.group.prev, rg.group.inspect)
         alphas, losses, best_a, s, pruned = search_scales(

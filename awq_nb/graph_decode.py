@@ -50,6 +50,10 @@ class StaticDecoder:
         if config.model_type not in LLAMA_LIKE:
             raise AwqNbError(f"StaticDecoder supports {', '.join(LLAMA_LIKE)} models, got model_type "
                              f"{config.model_type!r}; use model.generate() for other architectures.")
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        if window and max_len > window:
+            raise AwqNbError(f"max_len={max_len} exceeds the model's sliding_window={window}, which StaticDecoder "
+                             "does not implement; keep max_len <= sliding_window or use model.generate().")
         if max_len < 4:
             raise AwqNbError(f"max_len={max_len}: the cache needs at least 4 positions (capture warms up on 3).")
         self.model, self.max_len = model, max_len
@@ -117,6 +121,8 @@ class StaticDecoder:
     def reset(self, first_token: int) -> None:
         self.pos.zero_()
         self.token.fill_(first_token)
+        self.k_cache.zero_()  # masked rows get weight 0, but 0 * a stale inf would still be NaN
+        self.v_cache.zero_()
 
     def capture(self) -> None:
         """Capture one step as a CUDA graph (after warm-up steps that also run the autotuners)."""

@@ -23,7 +23,8 @@ def _libc():
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim  # noqa: B018 (musl and others lack it)
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]  # musl and others lack it: AttributeError
+        libc.malloc_trim.restype = ctypes.c_int
         return libc
     except (OSError, AttributeError):
         return None

@@ -95,36 +95,35 @@ def search_scales(
     """Grid search of alpha for one scaling group.
 
     ``weights``: the group's Linear weights ``[N_i, K]``; ``loss_fn(effective_weights, bound)``
-    returns the output error of the inspected module given each Linear's effective weight
-    ``Q(W s)/s``. A candidate whose loss is not finite is recorded as ``inf`` and never chosen.
+    returns ``(loss, complete)``: the output error of the inspected module given each Linear's
+    effective weight ``Q(W s)/s``, and whether it summed every term. A candidate whose loss is not
+    finite is recorded as ``inf`` and never chosen; ties go to the smaller alpha.
 
     ``prune`` (exact branch and bound): each candidate is given the best loss so far as ``bound``,
-    and ``loss_fn`` may stop summing its non-negative per-sequence errors as soon as the partial
-    sum exceeds it, returning that partial sum. Such a candidate cannot be the best, so the chosen
-    alpha and scales are those of the full grid. alpha = 0 (plain rounding) is always measured in
-    full; the rest go from ``first_alpha`` outwards (the previous block's best makes a tight
-    bound early). Returns ``(alphas, losses, best_alpha, best_scales, pruned)``; ``pruned[i]``
-    marks a loss that is only a lower bound.
+    and ``loss_fn`` may stop summing its non-negative per-sequence errors once the partial sum
+    exceeds it (``complete=False``). Such a candidate cannot be the best, so the chosen alpha and
+    scales are those of the full grid. alpha = 0 (plain rounding) is always measured in full; the
+    rest go from ``first_alpha`` outwards (the previous block's best makes a tight bound early).
+    Returns ``(alphas, losses, best_alpha, best_scales, pruned)``; ``pruned[i]`` marks a loss that
+    is only a lower bound.
     """
     w_mean = weight_mean(weights, group_size) if duo else None
     alphas = alpha_grid(n_grid)
     losses = [math.inf] * len(alphas)
     pruned = [False] * len(alphas)
-    best = (math.inf, 0.0, torch.ones_like(x_mean, dtype=torch.float32))
+    best_i, best_s = None, torch.ones_like(x_mean, dtype=torch.float32)
     order = sorted(range(len(alphas)), key=lambda i: (alphas[i] != 0.0, abs(alphas[i] - first_alpha), alphas[i]))
     for i in order:
-        a = alphas[i]
-        s = candidate_scales(x_mean, a, w_mean).to(weights[0].device)
+        s = candidate_scales(x_mean, alphas[i], w_mean).to(weights[0].device)
         eff = [scaled_quantized(w, s, bits, group_size, zero_point) for w in weights]
-        bound = best[0] if prune and a != 0.0 else math.inf
-        loss = loss_fn(eff, bound)  # NaN/inf in a candidate weight propagates into its loss
-        loss = loss if math.isfinite(loss) else math.inf
-        losses[i] = loss
-        if loss > bound:
-            pruned[i] = True
-        elif loss < best[0]:
-            best = (loss, a, s)
-    return alphas, losses, best[1], best[2].float().cpu(), pruned
+        best = losses[best_i] if best_i is not None else math.inf
+        loss, complete = loss_fn(eff, best if prune and alphas[i] != 0.0 else math.inf)
+        loss = loss if math.isfinite(loss) else math.inf  # NaN/inf in a candidate propagates into its loss
+        losses[i], pruned[i] = loss, not complete
+        if complete and (loss < best or (loss == best and best_i is not None and i < best_i)):
+            best_i, best_s = i, s
+    best_alpha = alphas[best_i] if best_i is not None else 0.0
+    return alphas, losses, best_alpha, best_s.float().cpu(), pruned
 
 
 def search_clip(

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .capture import first_tensor
+from .errors import AwqNbError
 from .results import ChannelStats
 from .search import gram_diag_blocks
 
@@ -23,7 +24,8 @@ class BlockTrace:
     grams: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [G, g, g]
     inputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # name -> [b, T, K] per recorded chunk
     calls: dict[str, list[tuple[tuple, dict]]] = field(default_factory=dict)  # inspect name -> (args, kwargs)
-    targets: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # inspect name -> output per recorded call
+    # inspect name -> (output, its _version when recorded) per recorded call
+    targets: dict[str, list[tuple[torch.Tensor, int]]] = field(default_factory=dict)
     output: torch.Tensor | None = None
 
 
@@ -92,7 +94,8 @@ def trace_block(
     def target_hook(name):
         def hook(_m, _a, _kw, out):
             if recording["on"]:
-                tr.targets.setdefault(name, []).append(owned(first_tensor(out).detach()))
+                t = owned(first_tensor(out).detach())
+                tr.targets.setdefault(name, []).append((t, t._version))
 
         return hook
 
@@ -108,7 +111,11 @@ def trace_block(
             per_call_cache.clear()
             # The block's output replaces its input in place: one [n, T, H] buffer for the whole
             # search instead of an input, a list of outputs and their concatenation.
-            hidden[s:e] = first_tensor(block(hidden[s:e], *args, **kwargs))
+            out = first_tensor(block(hidden[s:e], *args, **kwargs))
+            if out.dtype != hidden.dtype:
+                raise AwqNbError(f"the decoder block returned {out.dtype} for {hidden.dtype} inputs; load the model in "
+                                 "one dtype (load_model(..., dtype=...)) before searching.")
+            hidden[s:e] = out
     finally:
         for h in handles:
             h.remove()

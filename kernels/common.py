@@ -80,25 +80,34 @@ def dot_dtype(x_dtype: torch.dtype) -> tl.dtype:
                      "cast x (awq_matmul does this for float32).")
 
 
-def graph_bench(fn, quantiles=None, calls: int = 20, replays: int = 7):
-    """GPU time of ``fn`` in ms without its Python launch cost: ``calls`` runs captured in one CUDA
-    graph, replayed ``replays`` times, CUDA events around each replay. Returns the median (or the
-    ``quantiles``, as ``triton.testing.do_bench`` does).
+_FLUSH: dict = {}
 
-    Why not ``do_bench``: a Triton launch costs tens to hundreds of microseconds of Python, more
-    than a decode-sized INT4 matmul runs, so eager timing measures the CPU and would make the
-    autotuner pick configs at random. Graph replay is also how serving engines run these kernels.
-    """
-    fn()  # compile / warm up outside the capture
+
+def _l2_flush_buffer() -> torch.Tensor:
+    """Twice the L2 of the current GPU, zeroed between timed calls so weights come from HBM."""
+    dev = torch.cuda.current_device()
+    if dev not in _FLUSH:
+        l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 64 * 2**20) or 64 * 2**20
+        _FLUSH[dev] = torch.empty(2 * l2 // 4, dtype=torch.int32, device="cuda")
+    return _FLUSH[dev]
+
+
+def _replay_ms(body, calls: int, replays: int) -> list[float]:
+    """Per-replay ms of a CUDA graph holding ``calls`` runs of ``body``. Captured with
+    capture_begin/capture_end on a side stream (``torch.cuda.graph`` would also run gc.collect and
+    empty_cache for every autotune candidate)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+    with torch.cuda.stream(stream):
+        body()  # warm-up on the capture stream
+        graph.capture_begin()
+        try:
+            for _ in range(calls):
+                body()
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
     graph.replay()
     times = []
     for _ in range(replays):
@@ -107,8 +116,35 @@ def graph_bench(fn, quantiles=None, calls: int = 20, replays: int = 7):
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    del graph
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def graph_bench(fn, quantiles=None, calls: int = 20, replays: int = 7, flush_l2: bool = True):
+    """GPU time of ``fn`` in ms without its Python launch cost: ``calls`` runs captured in one CUDA
+    graph, replayed ``replays`` times, CUDA events around each replay. With ``flush_l2`` a buffer of
+    twice the L2 is zeroed before each run and a graph of the zeroing alone is timed and subtracted,
+    so a decode-sized weight is read from HBM as in a real model. Returns the median (or the
+    ``quantiles``, as ``triton.testing.do_bench`` does).
+
+    Why not ``do_bench``: a Triton launch costs tens to hundreds of microseconds of Python, more
+    than a decode-sized INT4 matmul runs, so eager timing measures the CPU and would make the
+    autotuner pick configs at random. Graph replay is also how serving engines run these kernels.
+    If capturing fails (e.g. inside someone else's capture), falls back to ``do_bench``.
+    """
+    fn()  # compile / autotune outside any capture
+    try:
+        if flush_l2:
+            buf = _l2_flush_buffer()
+            both = _replay_ms(lambda: (buf.zero_(), fn()), calls, replays)
+            flush = _replay_ms(buf.zero_, calls, replays)
+            times = [max(b - f, 0.0) / calls for b, f in zip(sorted(both), sorted(flush))]
+        else:
+            times = [t / calls for t in _replay_ms(fn, calls, replays)]
+    except RuntimeError:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, quantiles=quantiles, return_mode="median")
     t = torch.tensor(times)
     if quantiles is not None:
         return torch.quantile(t, torch.tensor(quantiles, dtype=t.dtype)).tolist()

@@ -24,8 +24,12 @@ The broadcast product has BLOCK_M * BLOCK_K * BLOCK_N elements in registers, so 
 product is too big for their warps are pruned before autotuning. Split-K matters most here: a
 4096-wide layer has only 32 tiles of 128 columns, far fewer than the SMs of an H100 (132).
 
-The weight is dequantized to the scales' dtype exactly like the reference, then multiplied in
-fp32, so the only difference from ``gemm_ref`` is the order of the fp32 additions.
+Without FACTOR_GROUP the weight is dequantized to the scales' dtype exactly like the reference,
+then multiplied in fp32, so the only difference from ``gemm_ref`` is the order of the fp32
+additions. With FACTOR_GROUP (an autotune choice, when a tile lies in one group) the kernel
+computes ``s * (sum x q - z * sum x)`` in fp32: the weight is never rounded to the scales' dtype,
+and the two sums partly cancel, so results differ from the reference by fp32 rounding of sums of
+up to ``15 * sum |x|`` (far inside the tests' fp16/bf16 bound).
 """
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ def test_pruned_grid_search_chooses_exactly_what_the_full_grid_chooses(family):
         torch.testing.assert_close(b.scales, a.scales)
         assert not any(a.pruned) and len(b.pruned) == len(b.losses)
         for la, lb, cut in zip(a.losses, b.losses, b.pruned):
-            assert (a.best_loss < lb <= la * (1 + 1e-5)) if cut else lb == pytest.approx(la, rel=1e-5)
+            assert (a.best_loss < lb <= la) if cut else lb == la  # same per-sequence replays: same bits
     for a, b in zip(full.clips, fast.clips):
         torch.testing.assert_close(b.max_val, a.max_val)
 

@@ -240,6 +240,36 @@ def test_triton_other_dtype_bias_pairs(kernel, group_size, dtype, with_bias):
     check_against_ref(fn, 3, k, n, group_size, dtype, with_bias, seed=7)
 
 
+def _n_gpu_configs(module_name):
+    import importlib
+
+    return len(importlib.import_module(f"awq_nb.kernels.{module_name}").configs(False))
+
+
+@pytest.mark.skipif(not (ON_GPU or os.environ.get("AWQ_NB_ALL_CONFIGS") == "1"),
+                    reason="every GPU autotune candidate: compiled by bench/gpu_check.sh, or interpreted with "
+                           "AWQ_NB_ALL_CONFIGS=1 (minutes)")
+@pytest.mark.parametrize("module_name, index", [(name, i) for name in ("gemv", "gemm", "dequant")
+                                                for i in range(_n_gpu_configs(name))])
+def test_every_gpu_config_matches_reference(monkeypatch, module_name, index):
+    # On a GPU the autotuner runs one config per shape; this forces each candidate in turn, so a
+    # config that is wrong (GATHER, FACTOR_GROUP, SPLIT_K, tile sizes) fails whichever one wins.
+    import importlib
+
+    module = importlib.import_module(f"awq_nb.kernels.{module_name}")
+    config = module.configs(False)[index]
+    monkeypatch.setattr(module, "configs", lambda interpret: (config,))
+    for group_size in (32, 128):
+        if module_name == "dequant":
+            qweight, qzeros, scales, _, _ = random_awq(384, 200, group_size, torch.float16)
+            out = module.awq_dequantize(qweight, qzeros, scales, group_size)
+            assert torch.equal(out, dequantize_ref(qweight, qzeros, scales, group_size))
+            continue
+        fn = getattr(module, f"awq_{module_name}")
+        for m in ((1, 3) if module_name == "gemv" else (17,)):
+            check_against_ref(fn, m, 384, 200, group_size, torch.float16, with_bias=m != 1, seed=index)
+
+
 @pytest.mark.skipif(ON_GPU, reason="swaps the interpreter's single config to reach the other split-K branch")
 @pytest.mark.parametrize("module_name, change", [("gemm", {"SPLIT_K": 1}), ("gemv", {"SPLIT_K": 3}),
                                                   ("gemv", {"FACTOR_GROUP": False}), ("gemm", {"GATHER": False}),

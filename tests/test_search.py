@@ -46,8 +46,8 @@ def test_scale_search_picks_argmin_and_skips_nonfinite():
     def loss(eff, bound=math.inf):
         calls.append(1)
         if len(calls) == 3:
-            return float("nan")  # a broken candidate must be skipped, not chosen or raised
-        return gram_loss(eff[0] - w, sigma)
+            return float("nan"), True  # a broken candidate must be skipped, not chosen or raised
+        return gram_loss(eff[0] - w, sigma), True
 
     alphas, losses, best, s, pruned = search_scales(x_mean, [w], loss, 3, 32, True, n_grid=10)
     assert alphas == alpha_grid(10) and len(losses) == 10 and not any(pruned)
@@ -87,12 +87,12 @@ def test_pruned_scale_search_is_exact_and_stops_losers_early():
 
     def loss(eff, bound=math.inf, mode="full"):
         total = 0.0
-        for sig in sigmas:
+        for j, sig in enumerate(sigmas):
             total += gram_loss(eff[0] - w, sig)
             summed[mode] += 1
             if total > bound:
                 break
-        return total
+        return total, j == len(sigmas) - 1
 
     full = search_scales(x_mean, [w], lambda e, b=math.inf: loss(e, b, "full"), 3, 32, True, n_grid=20)
     fast = search_scales(x_mean, [w], lambda e, b=math.inf: loss(e, b, "pruned"), 3, 32, True, n_grid=20,
@@ -102,7 +102,17 @@ def test_pruned_scale_search_is_exact_and_stops_losers_early():
     assert not fast[4][0] and fast[1][0] == full[1][0], "alpha = 0 (RTN) is always measured in full"
     for lf, lp, cut in zip(full[1], fast[1], fast[4]):
         if cut:
-            assert min(full[1]) < lp <= lf, "a pruned loss is a lower bound above the best"
+            assert min(full[1]) < lp < lf, "a pruned loss is a lower bound above the best"
         else:
-            assert lp == pytest.approx(lf)
+            assert lp == pytest.approx(lf, rel=1e-12)
     assert any(fast[4]) and summed["pruned"] < summed["full"]
+
+
+def test_scale_search_breaks_ties_towards_the_smaller_alpha():
+    x_mean = torch.rand(64) + 0.5
+    w = torch.randn(8, 64)
+    flat = lambda eff, bound=math.inf: (1.0, True)  # noqa: E731  every candidate equally good
+    for prune in (False, True):
+        _, losses, best, s, pruned = search_scales(x_mean, [w], flat, 4, 32, True, n_grid=10, prune=prune, first_alpha=0.7)
+        assert best == 0.0 and not any(pruned)
+        torch.testing.assert_close(s, candidate_scales(x_mean, 0.0))
