@@ -268,6 +268,16 @@ def autotune_choices() -> str:
     return "\n".join(lines)
 
 
+def run_matmul(shapes: list[tuple[int, int]], batches: list[int], device: str | None = None) -> list[Row]:
+    """The matmul table for ``shapes`` (K, N) x ``batches`` on ``device`` (default: CUDA when there is
+    one), each row printed as it is measured; what notebooks/05_int4_kernels.ipynb calls."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device == "cuda" else torch.bfloat16
+    timer = Timer(device)
+    print(HEADER, flush=True)
+    return [r for k, n in shapes for r in bench_shape(k, n, batches, device, dtype, timer, device == "cuda")]
+
+
 def threshold_summary(rows: list[Row]) -> str:
     """Per M: how often each strategy was fastest, and its geometric-mean speed-up over dense."""
     lines = ["| M | fastest strategy (shapes won) | dispatcher's pick | pick's geo-mean x dense | best's geo-mean x dense |",

@@ -8,18 +8,19 @@ import pytest
 from awq_nb import memory
 
 CHURN = """
-import sys, torch
+import ctypes, sys, torch
 from awq_nb.memory import trim
+libc = ctypes.CDLL("libc.so.6")
+libc.mallopt(-3, 32 << 20)   # M_MMAP_THRESHOLD: serve these temporaries from the heap, as glibc does
+libc.mallopt(-1, 1 << 30)    # M_TRIM_THRESHOLD: once its dynamic threshold has risen; no automatic trim
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
 base = rss()
 keep = []
-for i in range(30):              # the pattern of a layer-wise search: big temporaries, small keepers
-    a = torch.ones(1 << 20)      # 4 MiB
-    b = torch.ones(1 << 19)      # 2 MiB
+for i in range(24):              # the pattern of a layer-wise search: big temporaries, small keepers
+    a = torch.ones((1 << 19) + i * 8192)   # 2 MiB and growing, so no freed chunk fits the next one
+    keep.append(torch.ones(256))           # and a survivor after each keeps them from merging
     del a
-    keep.append(torch.ones(256))
-    del b
 if sys.argv[1] == "trim":
     assert trim()
 print((rss() - base) / 2**20)
