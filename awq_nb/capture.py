@@ -111,23 +111,27 @@ def capture_inputs(model: nn.Module, spec: ArchSpec, tokens: torch.Tensor, devic
     return BlockInputs(hidden, [one[i][1] for i in range(n_blocks)], [one[i][2] for i in range(n_blocks)])
 
 
-def _to(x, dtype=None, device=None):
+def map_tensors(x, fn):
+    """``x`` with ``fn`` applied to every tensor inside nested tuples/lists/dicts; the rest as is."""
     if isinstance(x, torch.Tensor):
-        if dtype is not None and x.is_floating_point():
-            x = x.to(dtype)
-        return x.to(device) if device is not None else x
+        return fn(x)
     if isinstance(x, tuple):
-        return tuple(_to(v, dtype, device) for v in x)
+        return tuple(map_tensors(v, fn) for v in x)
     if isinstance(x, list):
-        return [_to(v, dtype, device) for v in x]
+        return [map_tensors(v, fn) for v in x]
     if isinstance(x, dict):
-        return {k: _to(v, dtype, device) for k, v in x.items()}
+        return {k: map_tensors(v, fn) for k, v in x.items()}
     return x
 
 
 def cast_floats(x, dtype=None, device=None):
     """Move/cast every floating tensor inside nested tuples/lists/dicts (masks, rotary tables)."""
-    return _to(x, dtype, device)
+    def to(t):
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        return t.to(device) if device is not None else t
+
+    return map_tensors(x, to)
 
 
 def first_tensor(out):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec, block_linears, find_quantizable, fold_scales, get_blocks, get_spec, is_linear, resolve_groups, weight_nk
-from .capture import capture_inputs, cast_floats, first_tensor
+from .capture import capture_inputs, cast_floats, first_tensor, map_tensors
 from .config import AWQConfig
 from .errors import AwqNbError
 from .quantizer import fitting_group_sizes, pseudo_quantize
@@ -109,15 +109,7 @@ def _per_sequence(calls: list, targets: list[torch.Tensor]) -> tuple[list, list[
     sliced (hidden states, per-sequence masks), everything else (rotary tables, shared masks, 1-D
     positions) is passed as it is."""
     def take(x, b, i):
-        if torch.is_tensor(x) and x.dim() >= 2 and x.shape[0] == b:
-            return x[i : i + 1]
-        if isinstance(x, tuple):
-            return tuple(take(v, b, i) for v in x)
-        if isinstance(x, list):
-            return [take(v, b, i) for v in x]
-        if isinstance(x, dict):
-            return {k: take(v, b, i) for k, v in x.items()}
-        return x
+        return map_tensors(x, lambda t: t[i : i + 1] if t.dim() >= 2 and t.shape[0] == b else t)
 
     out_calls, out_targets = [], []
     for (a, k), t in zip(calls, targets):
