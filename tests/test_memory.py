@@ -21,18 +21,16 @@ for i in range(24):              # the pattern of a layer-wise search: big tempo
     a = torch.ones((1 << 19) + i * 8192)   # 2 MiB and growing, so no freed chunk fits the next one
     keep.append(torch.ones(256))           # and a survivor after each keeps them from merging
     del a
-if sys.argv[1] == "trim":
-    assert trim()
-print((rss() - base) / 2**20)
+kept = (rss() - base) / 2**20
+assert trim()
+print(kept, (rss() - base) / 2**20)
 """
 
 
 @pytest.mark.skipif(memory._libc() is None, reason="needs glibc's malloc_trim")
 def test_trim_returns_freed_temporaries():
-    def grown_mib(mode):
-        out = subprocess.run([sys.executable, "-c", CHURN, mode], capture_output=True, text=True, check=True)
-        return float(out.stdout.strip().splitlines()[-1])
-
-    trimmed, kept = grown_mib("trim"), grown_mib("keep")
-    assert trimmed < 8, f"resident memory grew {trimmed:.1f} MiB after trim()"
-    assert kept > trimmed + 16, f"without trim {kept:.1f} MiB, with {trimmed:.1f}: the test no longer shows the effect"
+    out = subprocess.run([sys.executable, "-c", CHURN], capture_output=True, text=True, check=True)
+    kept, trimmed = map(float, out.stdout.split())
+    if kept < 16:  # seen in about one run of five on the project VM (the heap layout varies run to run)
+        pytest.skip(f"this machine did not keep the freed heap resident ({kept:.1f} MiB): nothing for trim() to show")
+    assert trimmed < 8, f"resident memory was {kept:.1f} MiB above the start before trim() and {trimmed:.1f} after"
