@@ -83,7 +83,7 @@ def gram_loss(d: torch.Tensor, sigma: torch.Tensor) -> float:
 def search_scales(
     x_mean: torch.Tensor,
     weights: list[torch.Tensor],
-    loss_fn: Callable[..., float],
+    loss_fn: Callable[..., tuple[float, bool]],
     bits: int,
     group_size: int,
     zero_point: bool,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .capture import first_tensor
+from .capture import first_tensor, map_tensors
 from .errors import AwqNbError
 from .results import ChannelStats
 from .search import gram_diag_blocks
@@ -49,11 +49,9 @@ def trace_block(
     tr = BlockTrace()
     hidden_storage = hidden.untyped_storage().data_ptr()
 
-    def owned(t):
-        """``t``, cloned if it views ``hidden``, which is overwritten chunk by chunk below."""
-        if torch.is_tensor(t) and t.untyped_storage().data_ptr() == hidden_storage:
-            return t.clone()
-        return t
+    def owned(x):
+        """``x`` with every tensor that views ``hidden`` (overwritten chunk by chunk below) cloned."""
+        return map_tensors(x, lambda t: t.clone() if t.untyped_storage().data_ptr() == hidden_storage else t)
 
     sums: dict[str, torch.Tensor] = {}
     maxs: dict[str, torch.Tensor] = {}
@@ -87,7 +85,7 @@ def trace_block(
     def inspect_hook(name):
         def hook(_m, a, kw):
             if recording["on"]:
-                tr.calls.setdefault(name, []).append((tuple(owned(t) for t in a), {k: owned(v) for k, v in kw.items()}))
+                tr.calls.setdefault(name, []).append((owned(a), owned(dict(kw))))
 
         return hook
 

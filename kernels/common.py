@@ -215,12 +215,16 @@ def awq_shifts(offs_n):
 
 
 @triton.jit
+def dequantize_codes(q, z, s):
+    """``(q - z) * s`` in fp32 (exact), rounded once to the dtype of ``s``: the reference's rounding."""
+    return ((q - z).to(tl.float32) * s.to(tl.float32)).to(s.dtype)
+
+
+@triton.jit
 def dequantize_tile(qw, qz, s, shifts):
     """``(q - z) * s`` from packed words. ``qw [BK, BN]`` int32, ``qz`` and ``s`` broadcastable to it
     (``[1, BN]`` or ``[BK, BN]``), ``shifts [BN]``. Returns ``[BK, BN]`` in the dtype of ``s``."""
-    q = (qw >> shifts[None, :]) & 0xF
-    z = (qz >> shifts[None, :]) & 0xF
-    return ((q - z).to(tl.float32) * s.to(tl.float32)).to(s.dtype)
+    return dequantize_codes((qw >> shifts[None, :]) & 0xF, (qz >> shifts[None, :]) & 0xF, s)
 
 
 @triton.jit
@@ -277,7 +281,7 @@ def load_weight_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, 
         # The tile lies in one group: one row of zeros and scales, broadcast over the tile.
         q, z, s = load_codes_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
                                   k_start, n_start, K, N, GROUP_SIZE, BLOCK_K, BLOCK_N, GATHER)
-        return ((q - z).to(tl.float32) * s.to(tl.float32)).to(s.dtype)
+        return dequantize_codes(q, z, s)
     # BLOCK_K spans several groups: gather the group row for every k.
     offs_k = k_start + tl.arange(0, BLOCK_K)
     offs_n = n_start + tl.arange(0, BLOCK_N)

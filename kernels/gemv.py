@@ -61,7 +61,8 @@ def configs(interpret: bool) -> tuple[triton.Config, ...]:
 
 
 # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), each tried with and without FACTOR_GROUP (the
-# per-group factoring of zero and scale; it applies when the group size is a multiple of BLOCK_K).
+# per-group factoring of zero and scale; it applies when the group size is a multiple of BLOCK_K)
+# and with and without GATHER (how packed words are unpacked, kernels/common.py: load_word_tile).
 # Big tiles serve M = 1..2, small ones survive _prune for M = 4..8; SPLIT_K 4..16 gives a
 # 4096-wide layer 128..512 programs.
 GPU_CANDIDATES = (
