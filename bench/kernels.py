@@ -469,7 +469,7 @@ def compile_report(capability: int) -> str:
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     ptxas = [os.path.join(bin_dir, name) for name in ("ptxas-blackwell", "ptxas") if os.path.exists(os.path.join(bin_dir, name))]
     args = {"x_ptr": "*fp16", "qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16", "bias_ptr": "*fp16",
-            "out_ptr": "*fp16", "ws_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+            "out_ptr": "*fp16", "ws_ptr": "*fp32", "tickets_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
             "stride_xk": "i32", "stride_qk": "i32", "stride_zk": "i32", "stride_sk": "i32", "stride_om": "i32"}
     jobs = [("gemm", gemm._gemm_kernel, {**args, "M_BUCKET": "i32"},
              {"GROUP_SIZE": 128, "HAS_BIAS": False, "DOT_DTYPE": tl.float16}, c) for c in gemm.configs(False)]

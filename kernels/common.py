@@ -7,12 +7,18 @@ from ``n_start`` (both multiples of their block, BLOCK_N a multiple of 8) reads 
 (``g = GROUP_SIZE``):
 
 * ``qweight [K, N/8]``: columns ``n_start .. n_start + BLOCK_N`` live in the BLOCK_N/8 words from
-  ``n_start / 8``, so the tile of *packed* words is
-  ``qweight_ptr + offs_k[:, None] * stride_qk + offs_w[None, :]`` with
-  ``offs_w = n_start / 8 + arange(BLOCK_N / 8)``. Loading packed words (not one word per column)
-  keeps the bytes staged in shared memory by the software pipeline at 4 bits per weight.
-  Three ``tl.interleave(w, w)`` then repeat every word 8 times in a row, giving the
-  ``[BLOCK_K, BLOCK_N]`` tile in which column ``n`` holds the word that contains it.
+  ``n_start / 8``. How the packed words become a ``[BLOCK_K, BLOCK_N]`` tile of 4-bit codes is a
+  config choice, ``UNPACK`` (:func:`load_codes`), left to the autotuner:
+
+  - ``UNPACK_INTERLEAVE`` (0): load the ``[BLOCK_K, BLOCK_N/8]`` words once (contiguous, so the
+    loads vectorize and the pipeline stages 4 bits per weight), repeat every word 8 times in a row
+    with three ``tl.interleave``, then shift each column's nibble down;
+  - ``UNPACK_GATHER`` (1): load, for each column, the word that holds it (eight loads of one word
+    coalesce into one transaction; no register shuffles, but 8x the load instructions);
+  - ``UNPACK_SPLIT`` (2): load the words once, shift each by the eight nibble offsets at once into
+    ``[BLOCK_K, BLOCK_N/8, 8]`` and flatten the last two dimensions: one broadcast and one reshape;
+  - ``UNPACK_WORDS`` (3, GEMV only): as SPLIT but kept 3-D; zeros and scales come in the same
+    shape, and the GEMV accumulates ``[BLOCK_M, BLOCK_N/8, 8]``, flattened once after its K loop.
 * ``qzeros [K/g, N/8]`` and ``scales [K/g, N]``: row ``k // g``. When ``g`` is a multiple of
   BLOCK_K the whole tile sits in one group, so one row ``[1, BLOCK_N]`` is loaded and broadcast;
   otherwise the row index is gathered per ``k``.
@@ -23,10 +29,16 @@ rounding as :func:`awq_nb.kernels.reference.dequantize_ref`.
 Split-K output protocol (GEMM and GEMV)
 ---------------------------------------
 With ``SPLIT_K == 1`` a program owns its output tile: it adds the bias and stores ``x.dtype``
-into ``out``. With ``SPLIT_K > 1`` several programs add float32 partial sums into a workspace
-with ``tl.atomic_add``; the config's ``pre_hook`` zeroes that workspace before every launch
-(also during autotuning), and the wrapper finishes with ``(workspace + bias).to(x.dtype)``.
-Which of the two happened is read from the autotuner's ``best_config`` after the launch.
+into ``out``. With ``SPLIT_K > 1`` the SPLIT_K programs of a tile add their float32 partial sums
+into a workspace with ``tl.atomic_add`` and then take a ticket from a per-tile counter; the
+program that draws the last ticket reads the sum, adds the bias, stores ``x.dtype`` into ``out``,
+and sets its workspace tile and counter back to zero (:func:`write_tile`). Workspace and counters
+therefore stay zero between launches: they are allocated zeroed once per size and device
+(:func:`zeroed_scratch`) and kept for the life of the process, because CUDA graphs that captured
+a launch keep their addresses. A split-K call is one kernel: no memset before it, no cast after.
+Split-K serves small batches only (``M <= SPLIT_K_MAX_M``, enforced by the configs' pruning),
+which bounds the workspace. Launches that share a workspace must run one after another (one
+stream), as a model's layers do.
 
 Configs
 -------
@@ -45,6 +57,8 @@ import triton
 import triton.language as tl
 
 from awq_nb.errors import AwqNbError
+
+from .validate import check_activation, check_awq_weight
 
 _TRUE = ("1", "true", "on", "yes")
 
@@ -160,51 +174,85 @@ def autotuner(fn, candidates: tuple[triton.Config, ...], key: list[str], prune=N
     return triton.autotune(configs=list(candidates), key=key, **options)(fn)
 
 
-def zero_workspace_if_split(nargs: dict) -> None:
-    """Config pre_hook: split-K programs accumulate into ``ws_ptr`` with atomics, so zero it first."""
-    if nargs["SPLIT_K"] > 1:
-        nargs["ws_ptr"].zero_()
+SPLIT_K_MAX_M = 128  # batches above this have enough output tiles; their configs use SPLIT_K = 1
+MIN_BLOCK_M, MIN_BLOCK_N = 16, 32  # smallest tiles of any split-K candidate (sizes the counters)
+
+_SCRATCH: dict = {}
 
 
-def finish_split_k(split_k: int, out: torch.Tensor, workspace: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Return the result after a launch: ``out`` as stored, or the reduced workspace (+ bias)."""
-    if split_k == 1:
-        return out
-    if bias is not None:
-        workspace += bias.float()
-    return workspace.to(out.dtype)
+def zeroed_scratch(kind: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed buffer of at least ``numel`` elements that the kernels leave zeroed after each launch.
+
+    One per (kind, device, power-of-two size), never freed: a CUDA graph that captured a launch
+    replays it on the same address, so the buffer must outlive every graph."""
+    size = triton.next_power_of_2(max(int(numel), 1))
+    key = (kind, str(device), dtype, size)
+    if key not in _SCRATCH:
+        _SCRATCH[key] = torch.zeros(size, dtype=dtype, device=device)
+    return _SCRATCH[key]
 
 
 def launch_matmul(name: str, kernel, grid, x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
-                  scales: torch.Tensor, bias: torch.Tensor | None, n: int, extra: tuple = (), **meta) -> torch.Tensor:
-    """Launch a GEMM/GEMV kernel with the shared argument list (tensors, sizes, strides, ``extra``)
-    and the split-K output protocol; ``grid(meta, m, n)`` gives the launch grid. Inputs are checked."""
+                  scales: torch.Tensor, group_size: int, bias: torch.Tensor | None, extra: tuple = (),
+                  max_rows: int | None = None, **meta) -> torch.Tensor:
+    """Check the inputs, then launch a GEMM/GEMV kernel with the shared argument list (tensors,
+    sizes, strides, ``extra``) and the split-K output protocol; ``grid(meta, m, n)`` gives the
+    launch grid. Returns ``x @ W^T (+ bias)`` ``[M, N]`` in ``x.dtype``."""
+    k, n = check_awq_weight(qweight, qzeros, scales, group_size)
+    check_activation(x, k, qweight.device, bias, n)
+    m = x.shape[0]
+    if max_rows is not None and not 1 <= m <= max_rows:
+        raise AwqNbError(f"{name} takes 1..{max_rows} rows, got x with M={m}; use awq_nb.kernels.awq_gemm "
+                         "or awq_matmul, which picks the kernel from M.")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise AwqNbError(f"{name} takes float16 or bfloat16 activations, got {x.dtype}; cast x "
+                         "(awq_matmul does this for float32).")
     check_launchable(x, name)
     qweight, qzeros, scales = (t.contiguous() for t in (qweight, qzeros, scales))
-    m, k = x.shape
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    workspace = torch.empty((m, n), dtype=torch.float32, device=x.device)
+    if m <= SPLIT_K_MAX_M:
+        workspace = zeroed_scratch("workspace", m * n, torch.float32, x.device)
+        tickets = zeroed_scratch("tickets", triton.cdiv(m, MIN_BLOCK_M) * triton.cdiv(n, MIN_BLOCK_N), torch.int32,
+                                 x.device)
+    else:  # no split-K config runs at this M (see the kernels' _prune); the pointers are never read
+        workspace = tickets = out
     kernel[lambda cfg: grid(cfg, m, n)](
-        x, qweight, qzeros, scales, bias if bias is not None else out, out, workspace,
+        x, qweight, qzeros, scales, bias if bias is not None else out, out, workspace, tickets,
         m, n, k,
         x.stride(0), x.stride(1), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
-        *extra, HAS_BIAS=bias is not None, **meta,
+        *extra, GROUP_SIZE=group_size, HAS_BIAS=bias is not None, **meta,
     )
-    return finish_split_k(kernel.best_config.kwargs["SPLIT_K"], out, workspace, bias)
+    return out
 
 
 @triton.jit
-def write_tile(acc, out_ptr, ws_ptr, bias_ptr, offs_m, offs_n, m_ok, N, stride_om,
+def _store_out(acc, out_ptr, bias_ptr, offs_m, offs_n, mask, N, stride_om, HAS_BIAS: tl.constexpr):
+    """``out[offs_m, offs_n] = acc (+ bias)`` in ``out``'s dtype."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def write_tile(acc, out_ptr, ws_ptr, tickets_ptr, bias_ptr, offs_m, offs_n, m_ok, N, stride_om, tile,
                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Epilogue of the split-K protocol: store ``acc [BLOCK_M, BLOCK_N]`` (+ bias) in ``out``'s
-    dtype when the program owns its tile, else add it into the fp32 workspace atomically."""
+    """Epilogue of the split-K protocol for the output tile ``tile`` (``acc [BLOCK_M, BLOCK_N]``):
+    store it (+ bias) in ``out``'s dtype when the program owns its tile; else add it into the fp32
+    workspace and, in the last of the tile's SPLIT_K programs to arrive, store the sum and leave
+    workspace tile and ticket counter at zero for the next launch."""
     mask = m_ok[:, None] & (offs_n[None, :] < N)
     if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+        _store_out(acc, out_ptr, bias_ptr, offs_m, offs_n, mask, N, stride_om, HAS_BIAS)
     else:
-        tl.atomic_add(ws_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+        ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's add is issued before the release below (CTA -> GPU order)
+        ticket = tl.atomic_add(tickets_ptr + tile, 1, sem="acq_rel")
+        if ticket == SPLIT_K - 1:
+            total = tl.load(ws, mask=mask, other=0.0, cache_modifier=".cg")  # from L2, where the atomics landed
+            tl.store(ws, tl.zeros_like(total), mask=mask)
+            tl.atomic_xchg(tickets_ptr + tile, 0)
+            _store_out(total, out_ptr, bias_ptr, offs_m, offs_n, mask, N, stride_om, HAS_BIAS)
 
 
 @triton.jit
@@ -220,11 +268,7 @@ def dequantize_codes(q, z, s):
     return ((q - z).to(tl.float32) * s.to(tl.float32)).to(s.dtype)
 
 
-@triton.jit
-def dequantize_tile(qw, qz, s, shifts):
-    """``(q - z) * s`` from packed words. ``qw [BK, BN]`` int32, ``qz`` and ``s`` broadcastable to it
-    (``[1, BN]`` or ``[BK, BN]``), ``shifts [BN]``. Returns ``[BK, BN]`` in the dtype of ``s``."""
-    return dequantize_codes((qw >> shifts[None, :]) & 0xF, (qz >> shifts[None, :]) & 0xF, s)
+UNPACK_INTERLEAVE, UNPACK_GATHER, UNPACK_SPLIT, UNPACK_WORDS = 0, 1, 2, 3  # the UNPACK choices (docstring)
 
 
 @triton.jit
@@ -236,58 +280,95 @@ def repeat_words_8(words):
 
 
 @triton.jit
-def load_word_tile(ptr, rows, stride, row_ok, n_start, N, BLOCK_N: tl.constexpr, GATHER: tl.constexpr):
-    """``[R, BLOCK_N]`` int32: for each column ``n_start + j`` the packed word holding its nibble, from
-    rows ``rows [R, 1]`` of a ``[.., N/8]`` tensor. GATHER loads each word once per column (the
-    eight loads of a word coalesce into one transaction); otherwise the BLOCK_N/8 words are loaded
-    once and repeated with ``tl.interleave``. Which is faster is left to the autotuner."""
-    if GATHER:
+def load_word_codes(ptr, rows, stride, row_ok, n_start, N, BLOCK_N: tl.constexpr):
+    """``[R, BLOCK_N/8, 8]`` int32 codes; ``[r, w, j]`` is column ``n_start + 8 w + j``. The
+    BLOCK_N/8 words of each row are loaded once (contiguous) and shifted by all eight nibble
+    offsets at once."""
+    offs_w = n_start // 8 + tl.arange(0, BLOCK_N // 8)
+    words = tl.load(ptr + rows * stride + offs_w[None, :], mask=row_ok & (offs_w[None, :] < N // 8), other=0)
+    return (words[:, :, None] >> awq_shifts(tl.arange(0, 8))[None, None, :]) & 0xF
+
+
+@triton.jit
+def load_codes(ptr, rows, stride, row_ok, n_start, N, BLOCK_N: tl.constexpr, UNPACK: tl.constexpr):
+    """Codes 0..15 of columns ``n_start ..`` from rows ``rows [R, 1]`` of a packed ``[.., N/8]``
+    tensor (qweight or qzeros), unpacked as ``UNPACK`` says: ``[R, BLOCK_N]`` int32, or
+    ``[R, BLOCK_N/8, 8]`` for UNPACK_WORDS. Rows where ``row_ok`` is false and columns ``>= N``
+    come back as 0."""
+    if UNPACK == 1:  # UNPACK_GATHER
         offs_n = n_start + tl.arange(0, BLOCK_N)
-        return tl.load(ptr + rows * stride + (offs_n // 8)[None, :], mask=row_ok & (offs_n[None, :] < N), other=0)
-    else:
+        words = tl.load(ptr + rows * stride + (offs_n // 8)[None, :], mask=row_ok & (offs_n[None, :] < N), other=0)
+        return (words >> awq_shifts(offs_n)[None, :]) & 0xF
+    elif UNPACK == 2:  # UNPACK_SPLIT: [R, BLOCK_N/8, 8] flattened
+        codes = load_word_codes(ptr, rows, stride, row_ok, n_start, N, BLOCK_N)
+        return tl.reshape(codes, (codes.shape[0], BLOCK_N))
+    elif UNPACK == 3:  # UNPACK_WORDS: kept 3-D
+        return load_word_codes(ptr, rows, stride, row_ok, n_start, N, BLOCK_N)
+    else:  # UNPACK_INTERLEAVE
+        offs_n = n_start + tl.arange(0, BLOCK_N)
         offs_w = n_start // 8 + tl.arange(0, BLOCK_N // 8)
         words = tl.load(ptr + rows * stride + offs_w[None, :], mask=row_ok & (offs_w[None, :] < N // 8), other=0)
-        return repeat_words_8(words)
+        return (repeat_words_8(words) >> awq_shifts(offs_n)[None, :]) & 0xF
+
+
+@triton.jit
+def tile_columns(n_start, BLOCK_N: tl.constexpr, UNPACK: tl.constexpr):
+    """Column index of each element of a row of codes from :func:`load_codes`: ``[1, BLOCK_N]``,
+    or ``[1, BLOCK_N/8, 8]`` for UNPACK_WORDS."""
+    if UNPACK == 3:
+        return (n_start + tl.arange(0, BLOCK_N // 8)[:, None] * 8 + tl.arange(0, 8)[None, :])[None, :, :]
+    else:
+        return (n_start + tl.arange(0, BLOCK_N))[None, :]
+
+
+@triton.jit
+def tile_rows(rows, UNPACK: tl.constexpr):
+    """``[R, 1]`` row values made broadcastable against :func:`load_codes`' result."""
+    if UNPACK == 3:
+        return rows[:, :, None]
+    else:
+        return rows
 
 
 @triton.jit
 def load_codes_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
                     k_start, n_start, K, N,
-                    GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr):
+                    GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, UNPACK: tl.constexpr):
     """The raw pieces of a tile that lies in one group (``GROUP_SIZE % BLOCK_K == 0``): codes
-    ``q [BLOCK_K, BLOCK_N]`` int32, zeros ``z [1, BLOCK_N]`` int32 and scales ``s [1, BLOCK_N]``.
-    Rows ``>= K`` and columns ``>= N`` have ``q = z = 0`` and ``s = 0``."""
+    ``q [BLOCK_K, BLOCK_N]`` int32, zeros ``z [1, BLOCK_N]`` int32 and scales ``s [1, BLOCK_N]``
+    (``[.., BLOCK_N/8, 8]`` each for UNPACK_WORDS). Rows ``>= K`` and columns ``>= N`` have
+    ``q = z = 0`` and ``s = 0``."""
     offs_k = k_start + tl.arange(0, BLOCK_K)
-    offs_n = n_start + tl.arange(0, BLOCK_N)
-    shifts = awq_shifts(offs_n)[None, :]
-    words = load_word_tile(qweight_ptr, offs_k[:, None], stride_qk, offs_k[:, None] < K, n_start, N, BLOCK_N, GATHER)
+    cols = tile_columns(n_start, BLOCK_N, UNPACK)
+    q = load_codes(qweight_ptr, offs_k[:, None], stride_qk, offs_k[:, None] < K, n_start, N, BLOCK_N, UNPACK)
     group = k_start // GROUP_SIZE + tl.zeros((1, 1), dtype=tl.int32)
-    zero_words = load_word_tile(qzeros_ptr, group, stride_zk, group >= 0, n_start, N, BLOCK_N, GATHER)
-    s = tl.load(scales_ptr + group * stride_sk + offs_n[None, :], mask=offs_n[None, :] < N, other=0)
-    return (words >> shifts) & 0xF, (zero_words >> shifts) & 0xF, s
+    z = load_codes(qzeros_ptr, group, stride_zk, group >= 0, n_start, N, BLOCK_N, UNPACK)
+    s = tl.load(scales_ptr + tile_rows(group, UNPACK) * stride_sk + cols, mask=cols < N, other=0)
+    return q, z, s
 
 
 @triton.jit
 def load_weight_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
                      k_start, n_start, K, N,
-                     GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr):
+                     GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, UNPACK: tl.constexpr):
     """Load and dequantize ``W^T[k_start : k_start + BLOCK_K, n_start : n_start + BLOCK_N]``.
 
     ``k_start`` and ``n_start`` are multiples of BLOCK_K and BLOCK_N; BLOCK_N is a multiple of 8.
     Rows ``>= K`` and columns ``>= N`` come back as 0, so they add nothing to a dot product.
-    Returns ``[BLOCK_K, BLOCK_N]`` in the scales' dtype.
+    Returns ``[BLOCK_K, BLOCK_N]`` (``[BLOCK_K, BLOCK_N/8, 8]`` for UNPACK_WORDS) in the scales' dtype.
     """
     if GROUP_SIZE % BLOCK_K == 0:
         # The tile lies in one group: one row of zeros and scales, broadcast over the tile.
         q, z, s = load_codes_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
-                                  k_start, n_start, K, N, GROUP_SIZE, BLOCK_K, BLOCK_N, GATHER)
+                                  k_start, n_start, K, N, GROUP_SIZE, BLOCK_K, BLOCK_N, UNPACK)
         return dequantize_codes(q, z, s)
     # BLOCK_K spans several groups: gather the group row for every k.
     offs_k = k_start + tl.arange(0, BLOCK_K)
-    offs_n = n_start + tl.arange(0, BLOCK_N)
+    cols = tile_columns(n_start, BLOCK_N, UNPACK)
     k_ok = offs_k[:, None] < K
-    qw = load_word_tile(qweight_ptr, offs_k[:, None], stride_qk, k_ok, n_start, N, BLOCK_N, GATHER)
     group = offs_k[:, None] // GROUP_SIZE
-    qz = load_word_tile(qzeros_ptr, group, stride_zk, k_ok, n_start, N, BLOCK_N, GATHER)
-    s = tl.load(scales_ptr + group * stride_sk + offs_n[None, :], mask=k_ok & (offs_n[None, :] < N), other=0)
-    return dequantize_tile(qw, qz, s, awq_shifts(offs_n))
+    q = load_codes(qweight_ptr, offs_k[:, None], stride_qk, k_ok, n_start, N, BLOCK_N, UNPACK)
+    z = load_codes(qzeros_ptr, group, stride_zk, k_ok, n_start, N, BLOCK_N, UNPACK)
+    s = tl.load(scales_ptr + tile_rows(group, UNPACK) * stride_sk + cols, mask=tile_rows(k_ok, UNPACK) & (cols < N),
+                other=0)
+    return dequantize_codes(q, z, s)

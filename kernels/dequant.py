@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotuner, check_launchable, is_interpreting, load_weight_tile
+from .common import (UNPACK_GATHER, UNPACK_INTERLEAVE, UNPACK_SPLIT, autotuner, check_launchable, is_interpreting,
+                     load_weight_tile)
 from .validate import check_awq_weight
 
 
@@ -33,11 +34,11 @@ from .validate import check_awq_weight
 def configs(interpret: bool) -> tuple[triton.Config, ...]:
     """Autotune candidates; one big tile under the interpreter (its speed is per program)."""
     if interpret:
-        return (triton.Config({"BLOCK_K": 64, "BLOCK_N": 128, "GATHER": True}, num_warps=4, num_stages=1),)
+        return (triton.Config({"BLOCK_K": 64, "BLOCK_N": 128, "UNPACK": UNPACK_INTERLEAVE}, num_warps=4, num_stages=1),)
     return tuple(
-        triton.Config({"BLOCK_K": bk, "BLOCK_N": bn, "GATHER": gather}, num_warps=w, num_stages=1)
+        triton.Config({"BLOCK_K": bk, "BLOCK_N": bn, "UNPACK": unpack}, num_warps=w, num_stages=1)
         for bk, bn, w in ((32, 128, 4), (64, 128, 4), (32, 256, 4), (64, 256, 8), (128, 128, 8))
-        for gather in (True, False)
+        for unpack in (UNPACK_INTERLEAVE, UNPACK_GATHER, UNPACK_SPLIT)
     )
 
 
@@ -50,14 +51,14 @@ def _dequantize_kernel(
     # row strides (the last dimension of every tensor is contiguous)
     stride_qk, stride_zk, stride_sk, stride_ok,
     # meta-parameters
-    GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, UNPACK: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     w = load_weight_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
-                         pid_k * BLOCK_K, pid_n * BLOCK_N, K, N, GROUP_SIZE, BLOCK_K, BLOCK_N, GATHER)
+                         pid_k * BLOCK_K, pid_n * BLOCK_N, K, N, GROUP_SIZE, BLOCK_K, BLOCK_N, UNPACK)
     mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
     tl.store(out_ptr + offs_k[:, None] * stride_ok + offs_n[None, :], w, mask=mask)
 

@@ -16,8 +16,8 @@ Program ``(pid_m, pid_n, pid_k)`` computes a ``[BLOCK_M, BLOCK_N]`` tile of the 
         a = x[m_tile, k_start : k_start + BLOCK_K]                     # [BLOCK_M, BLOCK_K]
         w = dequantize(qweight, qzeros, scales)[k_start : ..., n_tile]  # [BLOCK_K, BLOCK_N]
         acc += dot(a, w)
-    out[m_tile, n_tile] = acc (+ bias)          # SPLIT_K == 1
-    atomic_add(workspace[m_tile, n_tile], acc)  # SPLIT_K > 1, see kernels/common.py
+    out[m_tile, n_tile] = acc (+ bias)  # SPLIT_K == 1; else the last of the tile's SPLIT_K
+                                        # programs stores the sum, see kernels/common.py
 
 Pointers: ``x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk`` for the
 activations; the weight tile comes from ``load_weight_tile`` (kernels/common.py). Rows of x past
@@ -40,20 +40,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (autotuner, dot_dtype, is_interpreting, launch_matmul, load_weight_tile, write_tile,
-                     zero_workspace_if_split)
-from .validate import check_activation, check_awq_weight
+from .common import (SPLIT_K_MAX_M, UNPACK_GATHER, UNPACK_INTERLEAVE, UNPACK_SPLIT, autotuner, dot_dtype,
+                     is_interpreting, launch_matmul, load_weight_tile, write_tile)
 
 
 @functools.cache
 def configs(interpret: bool) -> tuple[triton.Config, ...]:
     """Autotune candidates. Under the interpreter: one config with large tiles (fewest programs)."""
     if interpret:
-        return (triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 2, "GATHER": True}, num_warps=4,
-                              num_stages=1, pre_hook=zero_workspace_if_split),)
-    return tuple(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "GATHER": gather}, num_warps=w,
-                               num_stages=st, pre_hook=zero_workspace_if_split)
-                 for bm, bn, bk, sk, w, st in GPU_CANDIDATES for gather in (True, False))
+        return (triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 2, "UNPACK": UNPACK_GATHER},
+                              num_warps=4, num_stages=1),)
+    return tuple(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "UNPACK": unpack}, num_warps=w,
+                               num_stages=st)
+                 for bm, bn, bk, sk, w, st in GPU_CANDIDATES
+                 for unpack in (UNPACK_INTERLEAVE, UNPACK_GATHER, UNPACK_SPLIT))
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); _prune keeps the rows whose
@@ -77,16 +77,20 @@ def _block_m_range(m_bucket: int) -> tuple[int, int]:
 
 
 def _prune(candidates, named_args, **kwargs):
-    low, high = _block_m_range(named_args["M_BUCKET"])
-    fits = [c for c in candidates if low <= c.kwargs["BLOCK_M"] <= high]
-    return fits or list(candidates)
+    """Keep the BLOCK_M sizes that suit the batch, and split-K only where the protocol allows it."""
+    m_bucket = named_args["M_BUCKET"]
+    low, high = _block_m_range(m_bucket)
+    allowed = [c for c in candidates if c.kwargs["SPLIT_K"] == 1 or m_bucket <= SPLIT_K_MAX_M]
+    fits = [c for c in allowed if low <= c.kwargs["BLOCK_M"] <= high]
+    return fits or allowed
 
 
 @triton.jit
 def _gemm_kernel(
     # tensors: x [M, K], qweight int32 [K, N/8], qzeros int32 [K/g, N/8], scales [K/g, N],
-    # bias [N] (ignored unless HAS_BIAS), out [M, N] in x.dtype, ws_ptr [M, N] fp32 workspace
-    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, ws_ptr,
+    # bias [N] (ignored unless HAS_BIAS), out [M, N] in x.dtype; split-K scratch (kernels/common.py):
+    # ws_ptr [M, N] fp32 workspace and tickets_ptr int32 per-tile counters, both zero between launches
+    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr,
     # sizes
     M, N, K,
     # strides (weights, scales and out have contiguous last dimensions)
@@ -96,7 +100,7 @@ def _gemm_kernel(
     # meta-parameters
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    GATHER: tl.constexpr,
+    UNPACK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -111,10 +115,11 @@ def _gemm_kernel(
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0)
         w = load_weight_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
-                             k_start, pid_n * BLOCK_N, K, N, GROUP_SIZE, BLOCK_K, BLOCK_N, GATHER)
+                             k_start, pid_n * BLOCK_N, K, N, GROUP_SIZE, BLOCK_K, BLOCK_N, UNPACK)
         acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc)
 
-    write_tile(acc, out_ptr, ws_ptr, bias_ptr, offs_m, offs_n, m_ok, N, stride_om, HAS_BIAS, SPLIT_K)
+    tile = pid_m * tl.cdiv(N, BLOCK_N) + pid_n
+    write_tile(acc, out_ptr, ws_ptr, tickets_ptr, bias_ptr, offs_m, offs_n, m_ok, N, stride_om, tile, HAS_BIAS, SPLIT_K)
 
 
 @functools.cache
@@ -123,7 +128,7 @@ def _tuned(candidates: tuple[triton.Config, ...]):
 
 
 def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
-         bias: torch.Tensor | None = None) -> torch.Tensor:
+             bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W^T (+ bias)`` with Triton, any M. Same contract as :func:`~awq_nb.kernels.reference.gemm_ref`
     except that ``x`` must be float16 or bfloat16.
 
@@ -136,10 +141,9 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
     Returns:
         ``[M, N]`` in ``x.dtype`` (fp32 accumulation).
     """
-    k, n = check_awq_weight(qweight, qzeros, scales, group_size)
-    check_activation(x, k, qweight.device, bias, n)
-    return launch_matmul("awq_gemm", _tuned(configs(is_interpreting())), _grid, x, qweight, qzeros, scales, bias, n,
-                         (triton.next_power_of_2(x.shape[0]),), GROUP_SIZE=group_size, DOT_DTYPE=dot_dtype(x.dtype))
+    m_bucket = triton.next_power_of_2(x.shape[0]) if x.dim() == 2 else 1
+    return launch_matmul("awq_gemm", _tuned(configs(is_interpreting())), _grid, x, qweight, qzeros, scales, group_size,
+                         bias, (m_bucket,), DOT_DTYPE=dot_dtype(x.dtype))
 
 
 def _grid(meta, m, n):

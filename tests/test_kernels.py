@@ -253,7 +253,7 @@ def _n_gpu_configs(module_name):
                                                 for i in range(_n_gpu_configs(name))])
 def test_every_gpu_config_matches_reference(monkeypatch, module_name, index):
     # On a GPU the autotuner runs one config per shape; this forces each candidate in turn, so a
-    # config that is wrong (GATHER, FACTOR_GROUP, SPLIT_K, tile sizes) fails whichever one wins.
+    # config that is wrong (UNPACK, FACTOR_GROUP, SPLIT_K, tile sizes) fails whichever one wins.
     import importlib
 
     module = importlib.import_module(f"awq_nb.kernels.{module_name}")
@@ -270,30 +270,74 @@ def test_every_gpu_config_matches_reference(monkeypatch, module_name, index):
             check_against_ref(fn, m, 384, 200, group_size, torch.float16, with_bias=m != 1, seed=index)
 
 
-@pytest.mark.skipif(ON_GPU, reason="swaps the interpreter's single config to reach the other split-K branch")
-@pytest.mark.parametrize("module_name, change", [("gemm", {"SPLIT_K": 1}), ("gemv", {"SPLIT_K": 3}),
-                                                  ("gemv", {"FACTOR_GROUP": False}), ("gemm", {"GATHER": False}),
-                                                  ("gemv", {"GATHER": True}),
-                                                  ("gemv", {"GATHER": True, "FACTOR_GROUP": False})])
+@pytest.mark.skipif(ON_GPU, reason="swaps the interpreter's single config to reach the other branches")
+@pytest.mark.parametrize("module_name, change", [
+    ("gemm", {"SPLIT_K": 1}), ("gemv", {"SPLIT_K": 3}), ("gemv", {"FACTOR_GROUP": False}),
+    ("gemm", {"UNPACK": 0}), ("gemm", {"UNPACK": 2}), ("gemv", {"UNPACK": 1}),
+    ("gemv", {"UNPACK": 0, "FACTOR_GROUP": False, "SPLIT_K": 2}), ("gemv", {"UNPACK": 3}),
+    ("gemv", {"UNPACK": 3, "FACTOR_GROUP": False, "SPLIT_K": 2}), ("dequant", {"UNPACK": 1}), ("dequant", {"UNPACK": 2}),
+])
 def test_triton_other_config_branches(monkeypatch, module_name, change):
-    # The interpreter configs use SPLIT_K=2 (GEMM, atomics) and SPLIT_K=1 (GEMV, direct store);
-    # this runs the opposite branch of each, including a split that does not divide the K-blocks,
-    # the GEMV without the per-group factoring of zeros and scales (g=128 is one BLOCK_K), and
-    # the other way of unpacking the packed words (GATHER) in each kernel.
+    # The interpreter configs use SPLIT_K=2 (GEMM) and SPLIT_K=1 (GEMV); UNPACK gather (GEMM),
+    # split (GEMV) and interleave (dequant). This runs the other branches of each: the other
+    # split-K epilogue, including a split that does not divide the K-blocks; the GEMV without the
+    # per-group factoring of zeros and scales; the other ways of unpacking the packed words in
+    # each kernel (and the GEMV's 3-D UNPACK_WORDS tiles), on tiles inside one group (g=128) and
+    # spanning several (g=32).
     import importlib
 
     import triton
 
-    from awq_nb.kernels.common import zero_workspace_if_split
+    from awq_nb.kernels.common import UNPACK_GATHER, UNPACK_INTERLEAVE, UNPACK_SPLIT, UNPACK_WORDS
 
+    assert (UNPACK_INTERLEAVE, UNPACK_GATHER, UNPACK_SPLIT, UNPACK_WORDS) == (0, 1, 2, 3)  # the numbers above
     module = importlib.import_module(f"awq_nb.kernels.{module_name}")
     (base,) = module.configs(True)
-    swapped = (triton.Config({**base.kwargs, **change}, num_warps=base.num_warps,
-                             num_stages=base.num_stages, pre_hook=zero_workspace_if_split),)
+    assert any(base.kwargs[key] != value for key, value in change.items()), "not another branch"
+    swapped = (triton.Config({**base.kwargs, **change}, num_warps=base.num_warps, num_stages=base.num_stages),)
     monkeypatch.setattr(module, "configs", lambda interpret: swapped)
-    fn = getattr(module, f"awq_{module_name}")
-    for dtype, with_bias in ((torch.float16, True), (torch.bfloat16, False)):
-        check_against_ref(fn, 3, 384, 200, 128, dtype, with_bias)
+    for group_size in (32, 128):
+        if module_name == "dequant":
+            qweight, qzeros, scales, _, _ = random_awq(384, 200, group_size, torch.float16)
+            assert torch.equal(module.awq_dequantize(qweight, qzeros, scales, group_size),
+                               dequantize_ref(qweight, qzeros, scales, group_size))
+            continue
+        fn = getattr(module, f"awq_{module_name}")
+        for dtype, with_bias in ((torch.float16, True), (torch.bfloat16, False)):
+            check_against_ref(fn, 3, 384, 200, group_size, dtype, with_bias)
+
+
+@pytest.mark.skipif(ON_GPU, reason="reads the split-K scratch buffers of the interpreter run")
+def test_split_k_leaves_its_scratch_zeroed_and_is_repeatable():
+    # Split-K programs add partial sums into a shared workspace and take tickets from per-tile
+    # counters; the last program of each tile stores the result and zeroes both, so the next
+    # launch (or a CUDA-graph replay) starts clean without a memset. Two different shapes in a
+    # row share the buffers.
+    from awq_nb.kernels import common
+    from awq_nb.kernels.gemm import awq_gemm
+
+    assert common.SPLIT_K_MAX_M >= 17  # the M=17 launches below may split K
+    outs = []
+    for k, n, m in ((384, 200, 17), (256, 96, 5), (384, 200, 17)):
+        qweight, qzeros, scales, _, _ = random_awq(k, n, 64, torch.float16, seed=k)
+        x = random_x(m, k, torch.float16, seed=m)
+        outs.append(awq_gemm(x, qweight, qzeros, scales, 64))
+        scratch = {key: buf for key, buf in common._SCRATCH.items() if key[0] in ("workspace", "tickets")}
+        assert scratch and all(int(buf.count_nonzero()) == 0 for buf in scratch.values()), \
+            {key: int(buf.count_nonzero()) for key, buf in scratch.items()}
+    assert torch.equal(outs[0], outs[2])
+    assert outs[0].abs().sum() > 0
+
+
+def test_split_k_configs_only_for_small_batches():
+    from awq_nb.kernels import gemm
+    from awq_nb.kernels.common import SPLIT_K_MAX_M
+
+    candidates = gemm.configs(False)
+    big = gemm._prune(candidates, {"M_BUCKET": 2 * SPLIT_K_MAX_M})
+    small = gemm._prune(candidates, {"M_BUCKET": 16})
+    assert big and all(c.kwargs["SPLIT_K"] == 1 for c in big)
+    assert any(c.kwargs["SPLIT_K"] > 1 for c in small)
 
 
 def test_triton_wrappers_reject_bad_inputs(monkeypatch):
