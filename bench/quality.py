@@ -96,6 +96,8 @@ def main(argv=None) -> int:
         rows.append({"method": method, "config": tag, "perplexity": ppl, "size_bytes": size,
                      "seconds": seconds, "peak_memory_bytes": peak, "note": note})
         print(f"{method:>14} {tag:>6} ppl {ppl:9.3f}  {'' if seconds is None else f'{seconds:7.1f}s'}", flush=True)
+        if a.json:  # after every row, so a stopped run keeps what it measured
+            Path(a.json).write_text(json.dumps({"model": a.model, "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))
 
     add("fp", "fp32", perplexity(model, windows=windows)["perplexity"], model_size_bytes(model))
     for cfg in configs:
@@ -136,8 +138,6 @@ def main(argv=None) -> int:
             ratio = (ours["perplexity"] - fp) / max(best["perplexity"] - fp, 1e-9)
             print(f"{cfg.tag}: our gap to fp / best peer's ({best['method']}) = {ratio:.2f}; "
                   + ", ".join(f"{p['method']} time / ours = {p['seconds'] / ours['seconds']:.1f}x" for p in peers))
-    if a.json:
-        Path(a.json).write_text(json.dumps({"model": a.model, "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))
     return 0
 
 
