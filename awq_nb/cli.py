@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import sys
 import tempfile
@@ -14,11 +13,7 @@ import time
 from pathlib import Path
 
 from .errors import AwqNbError
-from .memory import trim
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+from .memory import peak_rss_bytes, trim
 
 
 def _peak_memory(device: str) -> int:
@@ -26,7 +21,7 @@ def _peak_memory(device: str) -> int:
 
     if device.startswith("cuda") and torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
-    return _peak_rss_bytes()
+    return peak_rss_bytes()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     q.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     q.add_argument("--no-clip", action="store_true", help="skip the clipping search")
-    q.add_argument("--duo-scaling", action="store_true", help="scales from activation and weight magnitude")
+    q.add_argument("--duo-scaling", action=argparse.BooleanOptionalAction, default=True,
+                   help="scales from activation and weight magnitude (default); --no-duo-scaling: activation only, "
+                        "as in the AWQ paper")
     q.add_argument("--search-samples", type=int, default=16, help="calibration sequences used by the scale-search loss")
     q.add_argument("--skip-indivisible", action="store_true", help="keep Linears whose in_features the group size does not divide in floating point")
     q.add_argument("--fake-quant", action="store_true", help="write a fake-quantized floating-point folder even for 4 bits")
@@ -81,6 +78,7 @@ def _prepare_out(out: Path) -> Path:
 
 def cmd_quantize(a) -> dict:
     from . import AWQConfig, load_model, search, apply_awq, fake_quantize, calibration_blocks
+    from .engine import tqdm_progress
 
     config = AWQConfig(
         w_bit=a.w_bit, group_size=a.group_size, zero_point=not a.no_zero_point, clip=not a.no_clip,
@@ -92,8 +90,15 @@ def cmd_quantize(a) -> dict:
     t0 = time.perf_counter()
     model, tok = load_model(a.model, dtype=a.dtype, device="cpu", trust_remote_code=a.trust_remote_code)
     blocks = calibration_blocks(tok, a.calib, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)
+    peaks = {"loaded": peak_rss_bytes(), "blocks": []}  # the process's peak RSS so far, by stage
+    bar = tqdm_progress()
+
+    def progress(done: int, total: int, desc: str) -> None:
+        peaks["blocks"].append(peak_rss_bytes())
+        bar(done, total, desc)
+
     t_search = time.perf_counter()
-    result = search(model, blocks, config, device=a.device)
+    result = search(model, blocks, config, progress=progress, device=a.device)
     apply_awq(model, result)
     seconds = time.perf_counter() - t_search
     trim()  # before packing and saving allocate their copies (awq_nb/memory.py)
@@ -118,6 +123,7 @@ def cmd_quantize(a) -> dict:
             "out": str(out), "format": fmt, "model": a.model, "config": config.tag,
             "seconds": round(seconds, 2), "total_seconds": round(time.perf_counter() - t0, 2),
             "peak_memory_bytes": _peak_memory(a.device), "n_samples": a.n_samples, "seqlen": a.seqlen,
+            "peak_rss_bytes_by_stage": {**peaks, "saved": peak_rss_bytes()},
         }
         (tmp / "awq_nb_summary.json").write_text(json.dumps(summary, indent=2))
         for f in tmp.iterdir():  # mkdtemp made everything private; a model folder is for sharing

@@ -59,6 +59,9 @@ def test_quantize_then_eval(tmp_path, smollm2):
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads(p.stdout.strip().splitlines()[-1])
     assert s["out"] == str(out) and s["format"] == "fake-quant" and s["seconds"] > 0 and s["peak_memory_bytes"] > 1e8
+    stages = s["peak_rss_bytes_by_stage"]  # one peak after loading, after each of the 30 blocks, after saving
+    peaks = [stages["loaded"], *stages["blocks"], stages["saved"]]
+    assert len(stages["blocks"]) == 30 and peaks == sorted(peaks) and peaks[-1] == s["peak_memory_bytes"]
     assert (out / "awq_search.pt").exists() and (out / "config.json").exists()
     e = run("eval", str(out), "--seqlen", "256", "--max-windows", "2")
     assert e.returncode == 0, e.stderr[-3000:]

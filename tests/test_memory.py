@@ -34,3 +34,20 @@ def test_trim_returns_freed_temporaries():
     if kept < 16:  # seen in about one run of five on the project VM (the heap layout varies run to run)
         pytest.skip(f"this machine did not keep the freed heap resident ({kept:.1f} MiB): nothing for trim() to show")
     assert trimmed < 8, f"resident memory was {kept:.1f} MiB above the start before trim() and {trimmed:.1f} after"
+
+
+def test_peak_rss_is_the_processs_own_not_its_parents():
+    # Linux carries ru_maxrss across fork + exec, so a quantizer started by a benchmark that held
+    # a big model reported the benchmark's peak. peak_rss_bytes reads the process's own VmHWM.
+    import subprocess
+    import sys
+
+    from awq_nb.memory import peak_rss_bytes
+
+    held = bytearray(800 * 2**20)
+    held[::4096] = b"\1" * len(held[::4096])  # touch every page: resident in this process
+    assert peak_rss_bytes() >= 800 * 2**20
+    child = subprocess.run([sys.executable, "-c", "from awq_nb.memory import peak_rss_bytes; print(peak_rss_bytes())"],
+                           capture_output=True, text=True, check=True)
+    assert int(child.stdout.split()[-1]) < 600 * 2**20  # importing awq_nb (torch) takes ~230 MB here
+    del held

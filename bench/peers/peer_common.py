@@ -96,7 +96,16 @@ def cpu_seconds() -> float:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
+    """Peak resident set size of this process's own memory (VmHWM; the same measure as
+    ``awq_nb.memory.peak_rss_bytes``, which this venv does not import). ru_maxrss only where
+    /proc is missing: Linux carries it over from the benchmark that forked this process."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
