@@ -17,7 +17,9 @@ class AWQConfig:
     channel), asymmetric with a zero point unless ``zero_point=False``.
 
     Scale search: ``n_grid`` values of alpha in [0, 1); per-channel scales
-    ``s = mean|x|^alpha`` (``duo_scaling``: ``mean|x|^alpha / mean|w|^(1-alpha)``), normalised so
+    ``s = mean|x|^alpha / mean|w|^(1-alpha)`` ("duo", the default, as in AutoAWQ and
+    llm-compressor; ``mean|w|`` is each weight's magnitude relative to its group's max) or, with
+    ``duo_scaling=False``, the paper's ``s = mean|x|^alpha``; normalised so
     that ``sqrt(max(s) * min(s)) = 1``. The loss is the fp32 MSE of the inspected module's output,
     measured on the first ``search_samples`` calibration sequences. ``prune_grid`` (exact, on by
     default) stops summing a candidate's loss once it exceeds the best so far: the chosen alpha and
@@ -36,7 +38,7 @@ class AWQConfig:
     group_size: int = 128
     zero_point: bool = True
     n_grid: int = 20
-    duo_scaling: bool = False
+    duo_scaling: bool = True  # measured better here: docs/benchmarks.md, side-by-side run
     search_samples: int = 16
     prune_grid: bool = True
     clip: bool = True

@@ -177,7 +177,7 @@ def plot_alpha_search(records: list[ScaleRecord], ax=None, block: int | None = N
     if len(labels) <= MAX_LEGEND_ENTRIES:
         ax.legend(fontsize=8, frameon=False)
     where = f"block {block}" if block is not None else f"{len({r.block for r in recs})} blocks"
-    _finish(ax, f"Scale search ({where}): s = mean|x|^alpha\n"
+    _finish(ax, f"Scale search ({where}) over the exponent alpha of the per-channel scales\n"
                 "alpha=0 is plain rounding; the dot is the alpha with the least output error",
             "alpha", "output MSE / RTN MSE" if relative else "output MSE")
     return fig
