@@ -96,17 +96,15 @@ def cpu_seconds() -> float:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process's own memory (VmHWM; the same measure as
-    ``awq_nb.memory.peak_rss_bytes``, which this venv does not import). ru_maxrss only where
-    /proc is missing: Linux carries it over from the benchmark that forked this process."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process's own memory: ``awq_nb.memory.peak_rss_bytes``, the
+    measure our quantizer reports. The file is loaded by path, because the peer venvs do not
+    install awq_nb (and its package ``__init__`` would import transformers' newer API)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("awq_nb_memory", Path(__file__).resolve().parents[2] / "awq_nb" / "memory.py")
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
+    return memory.peak_rss_bytes()
 
 
 class BlockClock:
