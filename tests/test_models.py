@@ -61,7 +61,7 @@ def test_gemma_windows_start_with_bos(gemma):
     assert calib.shape == (4, 32) and (calib[:, 0] == tok.bos_token_id).all()
 
 
-def test_stale_gemma_cache_is_rebuilt(tmp_path, monkeypatch):
+def test_stale_gemma_cache_is_rebuilt(tmp_path):
     # A folder converted before the tokenizer repair (Unigram / merge-less BPE, no converter
     # version) must not be used; a current one must.
     folder = tmp_path / "m"
