@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     q.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     q.add_argument("--no-clip", action="store_true", help="skip the clipping search")
+    q.add_argument("--asym-clip", action=argparse.BooleanOptionalAction, default=True,
+                   help="shrink each group's min and max separately (default, with a zero point); "
+                        "--no-asym-clip: one shared ratio, as AutoAWQ")
     q.add_argument("--duo-scaling", action=argparse.BooleanOptionalAction, default=True,
                    help="scales from activation and weight magnitude (default); --no-duo-scaling: activation only, "
                         "as in the AWQ paper")
@@ -82,7 +85,7 @@ def cmd_quantize(a) -> dict:
 
     config = AWQConfig(
         w_bit=a.w_bit, group_size=a.group_size, zero_point=not a.no_zero_point, clip=not a.no_clip,
-        duo_scaling=a.duo_scaling, search_samples=a.search_samples, skip_indivisible=a.skip_indivisible,
+        duo_scaling=a.duo_scaling, asym_clip=a.asym_clip, search_samples=a.search_samples, skip_indivisible=a.skip_indivisible,
     )
     out = Path(a.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -28,7 +28,10 @@ class AWQConfig:
 
     Clipping search: for each group, shrink its max |w| by ratios from 1.0 down towards
     ``1 - max_shrink`` in ``clip_grid`` steps, keep the ratio with the least output error over
-    all calibration tokens; ``clip_chunk`` output channels at a time bound the memory.
+    all calibration tokens; ``clip_chunk`` output channels at a time bound the memory. With a
+    zero point, ``asym_clip`` (the default) shrinks each group's min and max by separate ratios
+    (every pair of the grid: ~10x the candidates, a few seconds per block), which helped most at
+    3 bits (docs/benchmarks.md); ``asym_clip=False`` shares one ratio, as AutoAWQ does.
 
     ``skip_indivisible``: keep Linears whose in_features is not a multiple of ``group_size`` in
     floating point instead of raising an error.
@@ -43,9 +46,10 @@ class AWQConfig:
     prune_grid: bool = True
     clip: bool = True
     clip_grid: int = 20
+    asym_clip: bool = True
     max_shrink: float = 0.5
     clip_chunk: int = 256
-    block_chunk: int = 8  # calibration sequences per forward through a block
+    block_chunk: int = 4  # calibration sequences per forward through a block (bounds its temporaries)
     skip_indivisible: bool = False
     modules_to_not_convert: list[str] = field(default_factory=list)
 

@@ -22,7 +22,7 @@ from .errors import AwqNbError
 from .quantizer import fitting_group_sizes, pseudo_quantize
 from .results import AWQResult, ClipRecord, ScaleRecord
 from .memory import trim
-from .search import apply_clip_, clip_ratio_grid, gram, gram_loss, search_clip, search_scales
+from .search import apply_clip_, clip_ratio_grid, gram_loss, search_clip, search_scales
 from .trace import BlockTrace, trace_block
 
 Progress = Callable[[int, int, str], None]
@@ -146,7 +146,6 @@ def _search_block(
     original = {n: weight_nk(m).float().clone() for n, m in block_linears(work).items()}
     scale_recs = []
     searched = []
-    sigmas: dict[int, torch.Tensor] = {}  # Gram matrix of each recorded input, shared with the error report
     for rg in groups:
         lnames = [names[id(m)] for m in rg.layers]
         if any(_kept(f"{prefix}.{n}", keep) for n in lnames):
@@ -154,10 +153,9 @@ def _search_block(
         x_mean = tr.stats[lnames[0]].mean_abs.to(weight_nk(rg.layers[0]).device)
         weights = [weight_nk(m).float() for m in rg.layers]
         if len(rg.layers) == 1 and rg.inspect is rg.layers[0]:
-            x = torch.cat(tr.inputs[lnames[0]], 0).float()
-            sigma = sigmas[id(tr.inputs[lnames[0]][0])] = gram(x)
+            sigma = tr.sigmas[lnames[0]]
             w0 = weights[0]
-            numel = x.shape[0] * x.shape[1] * w0.shape[0]
+            numel = tr.recorded_tokens[lnames[0]] * w0.shape[0]
             loss_fn = lambda eff, bound=math.inf, sigma=sigma, w0=w0, numel=numel: (gram_loss(eff[0] - w0, sigma) / numel, True)  # noqa: E731
         else:
             calls = [cast_floats(c, torch.float32) for c in tr.calls[rg.group.inspect]]
@@ -207,21 +205,19 @@ def _search_block(
                 sg = s.reshape(-1, g)
                 sig = sig / (sg[:, :, None] * sg[:, None, :])
             w = weight_nk(m)
-            max_val, best_r, before, after = search_clip(w, sig, config.w_bit, config.group_size, config.zero_point, ratios, config.clip_chunk)
-            apply_clip_(w, max_val, config.group_size)
-            clip_recs.append(ClipRecord(idx, n, max_val, best_r, ratios, before, after))
+            found = search_clip(w, sig, config.w_bit, config.group_size, config.zero_point, ratios, config.clip_chunk,
+                                asym=config.asym_clip)
+            apply_clip_(w, found.max_val, config.group_size, found.min_val)
+            clip_recs.append(ClipRecord(idx, n, found.max_val, found.ratios, ratios, found.loss_before, found.loss_after,
+                                        found.min_val, found.min_ratios))
 
     errors = {}
     for n, m in block_linears(work).items():
-        if n not in tr.inputs or _kept(f"{prefix}.{n}", keep):
+        if n not in tr.sigmas or _kept(f"{prefix}.{n}", keep):
             continue
-        first = tr.inputs[n][0]
-        if id(first) not in sigmas:
-            sigmas[id(first)] = gram(torch.cat(tr.inputs[n], 0))
-        sig = sigmas[id(first)]
+        sig = tr.sigmas[n]
         w0 = original[n]
-        tokens = sum(t[..., 0].numel() for t in tr.inputs[n])
-        numel = tokens * w0.shape[0]
+        numel = tr.recorded_tokens[n] * w0.shape[0]
         rtn = pseudo_quantize(w0, config.w_bit, config.group_size, config.zero_point)
         eff = pseudo_quantize(weight_nk(m).float(), config.w_bit, config.group_size, config.zero_point)
         if n in out_scale:
@@ -287,6 +283,7 @@ def search(
         gram_for = {n for n in linears if n not in spec.skip_clip and not _kept(f"{prefix}.{n}", keep)} if config.clip else set()
         args, kwargs = cast_floats(inp.args[i], device=device), cast_floats(inp.kwargs[i], device=device)
         tr = trace_block(block, linears, inspect, hidden, args, kwargs, config.block_chunk, config.search_samples, gram_for, config.group_size)
+        trim()  # the forward's temporaries, before the search allocates its own
         scales, clips, errors = _search_block(i, block, spec, tr, config, prefix, keep, hints)
         result.scales += scales
         result.clips += clips
@@ -316,7 +313,7 @@ def apply_awq(model: nn.Module, result: AWQResult) -> nn.Module:
         fold_scales(block, rg, rec.scales, spec)
     gs = result.config["group_size"]
     for rec in result.clips:
-        apply_clip_(weight_nk(blocks[rec.block].get_submodule(rec.layer)), rec.max_val, gs)
+        apply_clip_(weight_nk(blocks[rec.block].get_submodule(rec.layer)), rec.max_val, gs, rec.min_val)
     return model
 
 

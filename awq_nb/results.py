@@ -59,9 +59,11 @@ the search stopped summing once it exceeded the best); ``loss_fp`` is the MSE at
 class ClipRecord:
     """The clipping search of one Linear (names are relative to the model).
 
-    ``max_val`` is fp32 ``[N, K/g]``: weights of each group are clamped to ``[-max_val, max_val]``.
-    ``ratios`` holds the chosen shrink ratio per group (same shape); ``ratio_grid`` the candidates.
-    ``loss_before``/``loss_after`` are the summed output errors without and with clipping.
+    ``max_val`` is fp32 ``[N, K/g]``: weights of each group are clamped to ``[-max_val, max_val]``,
+    or to ``[min_val, max_val]`` when the search shrank the two ends separately (``min_val`` set).
+    ``ratios`` holds the chosen shrink ratio of the max per group (same shape), ``min_ratios`` that
+    of the min (or None); ``ratio_grid`` the candidates. ``loss_before``/``loss_after`` are the
+    summed output errors without and with clipping.
     """
 
     block: int
@@ -71,6 +73,13 @@ class ClipRecord:
     ratio_grid: list[float]
     loss_before: float
     loss_after: float
+    min_val: torch.Tensor | None = None
+    min_ratios: torch.Tensor | None = None
+
+    def all_ratios(self) -> torch.Tensor:
+        """Every chosen shrink ratio, flat: both ends of each group when they were searched apart."""
+        parts = [self.ratios] if self.min_ratios is None else [self.ratios, self.min_ratios]
+        return torch.cat([p.reshape(-1) for p in parts])
 
 
 @dataclass

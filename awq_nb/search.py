@@ -16,11 +16,18 @@ output row, shrink the max |w| by ``r`` on a grid from 1.0 towards ``1 - max_shr
 of the group's contribution to the output over all calibration tokens is
 ``d^T Sigma_gg d`` with ``d = Q(clamp(w, -r*max, r*max)) - w`` and ``Sigma_gg`` the group's
 diagonal block of the Gram matrix. Keep the best ``r`` per group.
+
+With a zero point the quantizer's grid spans ``[min w, max w]`` of the group, so its two ends can
+be shrunk separately (``asym=True``): ``d = Q(clamp(w, r_lo*min, r_hi*max)) - w`` over every pair
+of ratios. A group whose large weights sit on one side then keeps that side's range and clips
+only the other; one shared ratio (AutoAWQ's and llm-compressor's search) cannot. The pair
+``(1, 1)`` and every shared ratio ``(r, r)`` are among the candidates, so the chosen error is
+never above the shared-ratio search's.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -126,6 +133,22 @@ def search_scales(
     return alphas, losses, best_alpha, best_s.float().cpu(), pruned
 
 
+class ClipFound(NamedTuple):
+    """What :func:`search_clip` chose for one Linear (fp32, CPU, ``[N, K/g]`` each).
+
+    Weights of a group are clamped to ``[min_val, max_val]``; ``min_val`` is None for a shared
+    ratio (then the range is ``[-max_val, max_val]``). ``ratios`` (and ``min_ratios``) are the
+    chosen shrink factors; the losses are summed squared output errors over all calibration
+    tokens without and with the clipping."""
+
+    max_val: torch.Tensor
+    ratios: torch.Tensor
+    loss_before: float
+    loss_after: float
+    min_val: torch.Tensor | None = None
+    min_ratios: torch.Tensor | None = None
+
+
 def search_clip(
     w: torch.Tensor,
     sigma_blocks: torch.Tensor,
@@ -134,46 +157,61 @@ def search_clip(
     zero_point: bool,
     ratios: list[float],
     chunk: int,
-):
+    asym: bool = False,
+) -> ClipFound:
     """Clipping search for one Linear ``w [N, K]`` (already scaled) given its input's Gram
-    diagonal blocks ``[G, g, g]``.
+    diagonal blocks ``[G, g, g]``, ``chunk`` output rows at a time.
 
-    Returns ``(max_val [N, G], best_ratio [N, G], loss_before, loss_after)`` (fp32, CPU); the
-    losses are summed squared output errors over all calibration tokens.
+    ``asym`` (zero point only): shrink each group's min and max by separate ratios, all
+    ``len(ratios)**2`` pairs; otherwise clamp to ``[-r * max|w|, r * max|w|]``.
     """
     n, k = w.shape
     g = group_size if group_size > 0 else k
     n_groups = k // g
+    asym = asym and zero_point
     sigma = sigma_blocks.to(w.device)
-    max_vals, best_ratios = [], []
+    pairs = [(lo, hi) for hi in ratios for lo in ratios] if asym else [(r, r) for r in ratios]
+    out = {"max_val": [], "ratios": [], "min_val": [], "min_ratios": []}
     before = after = 0.0
     for r0 in range(0, n, chunk):
         wc = w[r0 : r0 + chunk].float().reshape(-1, n_groups, g)  # [c, G, g]
-        org_max = wc.abs().amax(dim=-1, keepdim=True)  # [c, G, 1]
+        if asym:
+            top, bottom = wc.amax(dim=-1, keepdim=True), wc.amin(dim=-1, keepdim=True)  # [c, G, 1]
+        else:
+            top = wc.abs().amax(dim=-1, keepdim=True)
+            bottom = -top
         best_err = torch.full(wc.shape[:2], math.inf, device=w.device)
-        best_r = torch.ones(wc.shape[:2], device=w.device)
-        for r in ratios:
-            mv = org_max * r
-            wq = pseudo_quantize(torch.clamp(wc, -mv, mv).reshape(-1, g), bits, g, zero_point).reshape(wc.shape)
-            d = wq - wc
-            dt = d.transpose(0, 1)  # [G, c, g]: one small matmul per group
+        best_hi = torch.ones(wc.shape[:2], device=w.device)
+        best_lo = torch.ones(wc.shape[:2], device=w.device)
+        for r_lo, r_hi in pairs:
+            clamped = torch.minimum(torch.maximum(wc, bottom * r_lo), top * r_hi)
+            wq = pseudo_quantize(clamped.reshape(-1, g), bits, g, zero_point).reshape(wc.shape)
+            dt = (wq - wc).transpose(0, 1)  # [G, c, g]: one small matmul per group
             err = (torch.bmm(dt, sigma) * dt).sum(-1).transpose(0, 1)
             err = torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf))
-            if r == 1.0:
+            if r_lo == r_hi == 1.0:
                 before += float(err.sum())
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_r = torch.where(better, torch.full_like(best_r, r), best_r)
+            best_hi = torch.where(better, torch.full_like(best_hi, r_hi), best_hi)
+            best_lo = torch.where(better, torch.full_like(best_lo, r_lo), best_lo)
         after += float(best_err.sum())
-        max_vals.append((org_max.squeeze(-1) * best_r).cpu())
-        best_ratios.append(best_r.cpu())
-    return torch.cat(max_vals), torch.cat(best_ratios), before, after
+        out["max_val"].append((top.squeeze(-1) * best_hi).cpu())
+        out["ratios"].append(best_hi.cpu())
+        out["min_val"].append((bottom.squeeze(-1) * best_lo).cpu())
+        out["min_ratios"].append(best_lo.cpu())
+    cat = {key: torch.cat(v) for key, v in out.items()}
+    if not asym:
+        return ClipFound(cat["max_val"], cat["ratios"], before, after)
+    return ClipFound(cat["max_val"], cat["ratios"], before, after, cat["min_val"], cat["min_ratios"])
 
 
-def apply_clip_(w: torch.Tensor, max_val: torch.Tensor, group_size: int) -> None:
-    """Clamp ``w [N, K]`` in place to ``[-max_val, max_val]`` per group (``max_val [N, K/g]``)."""
+def apply_clip_(w: torch.Tensor, max_val: torch.Tensor, group_size: int, min_val: torch.Tensor | None = None) -> None:
+    """Clamp ``w [N, K]`` in place per group to ``[min_val, max_val]`` (``[N, K/g]`` each), or to
+    ``[-max_val, max_val]`` when ``min_val`` is None."""
     n, k = w.shape
     g = group_size if group_size > 0 else k
-    mv = max_val.to(w.device, torch.float32).unsqueeze(-1)
-    clamped = torch.clamp(w.float().reshape(n, k // g, g), -mv, mv)
+    hi = max_val.to(w.device, torch.float32).unsqueeze(-1)
+    lo = -hi if min_val is None else min_val.to(w.device, torch.float32).unsqueeze(-1)
+    clamped = torch.minimum(torch.maximum(w.float().reshape(n, k // g, g), lo), hi)
     w.copy_(clamped.reshape(n, k).to(w.dtype))

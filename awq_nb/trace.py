@@ -2,8 +2,10 @@
 
 Per Linear: mean |x| and max |x| per input channel (saliency, over all tokens) and, for the
 Linears whose clipping is searched, the diagonal blocks of the Gram matrix ``X^T X`` (over all
-tokens). For the first ``record_n`` sequences: each Linear's input and each inspected module's
-call arguments, replayed later by the scale search.
+tokens). For the first ``record_n`` sequences: each Linear's full Gram matrix (the single-Linear
+scale search and the per-layer error report need nothing else of its input, and a ``[K, K]``
+matrix is far smaller than ``record_n x T`` rows of ``K``) and each inspected module's call
+arguments and output, replayed later by the scale search.
 """
 from __future__ import annotations
 
@@ -15,14 +17,15 @@ from torch import nn
 from .capture import first_tensor, map_tensors
 from .errors import AwqNbError
 from .results import ChannelStats
-from .search import gram_diag_blocks
+from .search import gram, gram_diag_blocks
 
 
 @dataclass
 class BlockTrace:
     stats: dict[str, ChannelStats] = field(default_factory=dict)
     grams: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [G, g, g]
-    inputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # name -> [b, T, K] per recorded chunk
+    sigmas: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> X^T X [K, K] over the recorded sequences
+    recorded_tokens: dict[str, int] = field(default_factory=dict)  # name -> rows of X in its sigma
     calls: dict[str, list[tuple[tuple, dict]]] = field(default_factory=dict)  # inspect name -> (args, kwargs)
     # inspect name -> (output, its _version when recorded) per recorded call
     targets: dict[str, list[tuple[torch.Tensor, int]]] = field(default_factory=dict)
@@ -66,9 +69,11 @@ def trace_block(
             cached = per_call_cache.get(key)
             if cached is None:
                 xf = x.detach().reshape(-1, x.shape[-1]).float()
-                cached = {"sum": xf.abs().sum(0), "max": xf.abs().amax(0), "n": xf.shape[0], "x": x.detach()}
+                # "x" keeps the input alive until the chunk ends, so its address cannot be reused
+                # by another Linear's input and hit this cache
+                cached = {"sum": xf.abs().sum(0), "max": xf.abs().amax(0), "n": xf.shape[0], "x": x}
                 if recording["on"]:
-                    cached["x"] = owned(cached["x"])
+                    cached["sigma"] = gram(xf)
                 per_call_cache[key] = cached
             sums[name] = sums.get(name, 0) + cached["sum"]
             maxs[name] = torch.maximum(maxs[name], cached["max"]) if name in maxs else cached["max"]
@@ -78,7 +83,8 @@ def trace_block(
                     cached["gram"] = gram_diag_blocks(x.detach(), group_size)
                 tr.grams[name] = tr.grams[name] + cached["gram"] if name in tr.grams else cached["gram"]
             if recording["on"]:
-                tr.inputs.setdefault(name, []).append(cached["x"])
+                tr.sigmas[name] = tr.sigmas[name] + cached["sigma"] if name in tr.sigmas else cached["sigma"]
+                tr.recorded_tokens[name] = tr.recorded_tokens.get(name, 0) + cached["n"]
 
         return hook
 

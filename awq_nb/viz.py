@@ -222,7 +222,8 @@ def plot_alpha_heatmap(result: AWQResult | list[ScaleRecord], ax=None):
 
 
 def plot_clip_ratios(clips: list[ClipRecord], ax=None, kind: str = "heat"):
-    """Chosen clipping ratios (clip max |w| to ratio x max): mean per (block, Linear) as a heatmap,
+    """Chosen clipping ratios (clip max |w| to ratio x max, and min |w| likewise where the two ends
+    were searched apart): mean per (block, Linear) as a heatmap,
     or with ``kind="hist"`` the distribution over all groups, one histogram per Linear name."""
     if not clips:
         raise AwqNbError("no clip records to plot: run the search with AWQConfig(clip=True).")
@@ -230,7 +231,7 @@ def plot_clip_ratios(clips: list[ClipRecord], ax=None, kind: str = "heat"):
     lo = min(min(c.ratio_grid) for c in clips)
     if kind == "heat":
         m, rows, cols = _grid(clips, lambda c: c.block, lambda c: short_name(c.layer),
-                              lambda c: float(_np(c.ratios).mean()))
+                              lambda c: float(_np(c.all_ratios()).mean()))
         _heatmap(ax, m, rows, cols, "magma", lo, 1.0, "mean clip ratio")
         _finish(ax, "Weight clipping per block and Linear\n"
                     "1.0 = no clipping; lower = outlier weights clamped to cut rounding error",
@@ -241,7 +242,7 @@ def plot_clip_ratios(clips: list[ClipRecord], ax=None, kind: str = "heat"):
         bins = np.append(np.array(grid) - step / 2, grid[-1] + step / 2)
         by_layer: dict[str, list[np.ndarray]] = {}
         for c in clips:
-            by_layer.setdefault(short_name(c.layer), []).append(_np(c.ratios).ravel())
+            by_layer.setdefault(short_name(c.layer), []).append(_np(c.all_ratios()).ravel())
         names = list(by_layer)
         ax.hist([np.concatenate(by_layer[n]) for n in names], bins=bins, stacked=True, label=names)
         ax.legend(fontsize=8, frameon=False)

@@ -70,6 +70,37 @@ def test_saliency_matches_a_direct_measurement():
     torch.testing.assert_close(st.max_abs, x.abs().amax(0))
 
 
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_trace_keeps_each_linears_gram_over_the_recorded_sequences(family):
+    # The trace keeps X^T X of every Linear's input over the first record_n sequences instead of
+    # the inputs themselves, summed over chunks; q/k/v (and gate/up, or phi3's fused layers) share
+    # one input tensor and one Gram computation.
+    from awq_nb.arch import block_linears, get_blocks, get_spec
+    from awq_nb.capture import capture_inputs
+    from awq_nb.trace import trace_block
+
+    model = tiny_model(family)
+    spec = get_spec(model)
+    inp = capture_inputs(model, spec, _calib(n=6, t=24), torch.device("cpu"))
+    block = get_blocks(model, spec)[0]
+    linears = block_linears(block)
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, []).append(a[0].detach().reshape(-1, a[0].shape[-1]).clone()))
+             for n, m in linears.items()]
+    try:
+        tr = trace_block(block, linears, {}, inp.hidden.clone(), inp.args[0], inp.kwargs[0], chunk=2, record_n=4,
+                         gram_for=set(), group_size=32)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert set(tr.sigmas) == set(linears)
+    for n, xs in seen.items():
+        assert len(xs) == 3  # chunks of 2, 2 (recorded) and 2 (not)
+        x = torch.cat(xs[:2])
+        assert tr.recorded_tokens[n] == 4 * 24
+        torch.testing.assert_close(tr.sigmas[n], x.T @ x, rtol=1e-4, atol=1e-4, msg=f"{n}")
+
+
 def test_quantize_puts_weights_on_the_grid_and_beats_rtn_on_calibration_error():
     model = tiny_model("llama_mha")
     cfg = awq_nb.AWQConfig(w_bit=3, group_size=32, n_grid=10, search_samples=4)

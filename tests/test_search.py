@@ -65,14 +65,41 @@ def test_clip_search_never_worse_and_applies():
     w[0, 5] = 12.0  # an outlier weight: clipping should help its group
     ratios = clip_ratio_grid(20, 0.5)
     assert ratios[0] == 1.0 and len(ratios) == 10 and ratios[-1] > 0.5
-    max_val, best_r, before, after = search_clip(w, gram_diag_blocks(x, 64), 3, 64, True, ratios, chunk=7)
-    assert max_val.shape == (24, 2) and after <= before
+    max_val, best_r, before, after, min_val, _ = search_clip(w, gram_diag_blocks(x, 64), 3, 64, True, ratios, chunk=7)
+    assert max_val.shape == (24, 2) and after <= before and min_val is None
     assert best_r[0, 0] < 1.0
     wc = w.clone()
     apply_clip_(wc, max_val, 64)
     assert float(wc.abs().max()) <= float(max_val.max()) + 1e-6
     err = lambda v: gram_loss(pseudo_quantize(v, 3, 64) - w, gram(x))  # noqa: E731
     assert err(wc) < err(w)
+
+
+def test_asymmetric_clip_search_shrinks_each_end_on_its_own_and_is_never_worse():
+    # One large positive weight per group makes its two ends unlike: a shared ratio must shrink
+    # both by the same factor, separate ratios shrink each as far as it pays.
+    torch.manual_seed(3)
+    x = torch.randn(512, 128)
+    w = torch.randn(32, 128) * 0.5
+    w[:, ::64] = 4.0  # the first weight of every group
+    sig = gram_diag_blocks(x, 64)
+    ratios = clip_ratio_grid(20, 0.5)
+    shared = search_clip(w, sig, 3, 64, True, ratios, chunk=8)
+    apart = search_clip(w, sig, 3, 64, True, ratios, chunk=8, asym=True)
+    assert apart.loss_before == pytest.approx(shared.loss_before, rel=1e-6)
+    assert apart.loss_after < shared.loss_after  # the pairs include every shared ratio
+    assert apart.min_val.shape == apart.max_val.shape == (32, 2)
+    assert float((apart.ratios != apart.min_ratios).float().mean()) > 0.5  # most groups: two different ratios
+    # the loss reported is that of the weights apply_clip_ then gives (summed per group, as searched)
+    wc = w.clone()
+    apply_clip_(wc, apart.max_val, 64, apart.min_val)
+    assert float((wc.reshape(32, 2, 64).amax(-1) - apart.max_val).abs().max()) < 1e-6
+    d = (pseudo_quantize(wc, 3, 64) - w).reshape(32, 2, 64)
+    per_group = torch.einsum("ngi,gij,ngj->", d, sig, d)
+    assert float(per_group) == pytest.approx(apart.loss_after, rel=1e-4)
+    # without a zero point the quantizer only sees max |w|: asym falls back to the shared search
+    sym = search_clip(w, sig, 3, 64, False, ratios, chunk=8, asym=True)
+    assert sym.min_val is None
 
 
 def test_pruned_scale_search_is_exact_and_stops_losers_early():

@@ -54,7 +54,10 @@ def _clips(n_blocks=3):
         for name in ("self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
             ratios = torch.full((8, 9), 1.0)
             ratios[0, :3] = 0.85 - 0.05 * b
-            out.append(ClipRecord(b, name, torch.ones(8, 9), ratios, [1 - i / 40 for i in range(20)], 2.0, 1.5))
+            rec = ClipRecord(b, name, torch.ones(8, 9), ratios, [1 - i / 40 for i in range(20)], 2.0, 1.5)
+            if b == 2:  # min and max searched apart: both ends' ratios are plotted
+                rec.min_val, rec.min_ratios = -torch.ones(8, 9), torch.full((8, 9), 0.9)
+            out.append(rec)
     return out
 
 
@@ -151,10 +154,10 @@ def test_clip_ratios_heat_and_hist():
     fig = viz.plot_clip_ratios(clips)
     m = np.asarray(fig.axes[0].images[0].get_array(), dtype=float)
     assert m.shape == (3, 5)
-    np.testing.assert_allclose(m[2, 0], float(clips[10].ratios.mean()))
+    np.testing.assert_allclose(m[2, 0], float(torch.cat([clips[10].ratios, clips[10].min_ratios]).mean()))
     fig = viz.plot_clip_ratios(clips, kind="hist")
     heights = sum(p.get_height() for p in fig.axes[0].patches if p.get_height() > 0)
-    assert heights == pytest.approx(sum(c.ratios.numel() for c in clips))  # stacked bars
+    assert heights == pytest.approx(sum(c.all_ratios().numel() for c in clips))  # stacked bars
     with pytest.raises(AwqNbError):
         viz.plot_clip_ratios(clips, kind="pie")
 
