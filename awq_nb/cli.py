@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--asym-clip", action=argparse.BooleanOptionalAction, default=True,
                    help="shrink each group's min and max separately (default, with a zero point); "
                         "--no-asym-clip: one shared ratio, as AutoAWQ")
+    q.add_argument("--clip-sweeps", type=int, default=2,
+                   help="passes that re-choose each group's clip on the whole row's output error (default 2); "
+                        "0: each group alone, as AutoAWQ")
     q.add_argument("--duo-scaling", action=argparse.BooleanOptionalAction, default=True,
                    help="scales from activation and weight magnitude (default); --no-duo-scaling: activation only, "
                         "as in the AWQ paper")
@@ -85,7 +88,7 @@ def cmd_quantize(a) -> dict:
 
     config = AWQConfig(
         w_bit=a.w_bit, group_size=a.group_size, zero_point=not a.no_zero_point, clip=not a.no_clip,
-        duo_scaling=a.duo_scaling, asym_clip=a.asym_clip, search_samples=a.search_samples, skip_indivisible=a.skip_indivisible,
+        duo_scaling=a.duo_scaling, asym_clip=a.asym_clip, clip_sweeps=a.clip_sweeps, search_samples=a.search_samples, skip_indivisible=a.skip_indivisible,
     )
     out = Path(a.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

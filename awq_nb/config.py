@@ -31,7 +31,12 @@ class AWQConfig:
     all calibration tokens; ``clip_chunk`` output channels at a time bound the memory. With a
     zero point, ``asym_clip`` (the default) shrinks each group's min and max by separate ratios
     (every pair of the grid: ~10x the candidates, a few seconds per block), which helped most at
-    3 bits (docs/benchmarks.md); ``asym_clip=False`` shares one ratio, as AutoAWQ does.
+    3 bits (docs/benchmarks.md); ``asym_clip=False`` shares one ratio, as AutoAWQ does. Each group
+    is first scored on its own (the Gram matrix's diagonal block, as AutoAWQ); ``clip_sweeps``
+    (default 2) passes over the groups then re-choose each group's candidate on the whole output
+    row's error, so groups whose channels move together are
+    clipped together (awq_nb/search.py; the trace then keeps each Linear's full ``X^T X``).
+    ``clip_sweeps=0`` scores each group alone.
 
     ``skip_indivisible``: keep Linears whose in_features is not a multiple of ``group_size`` in
     floating point instead of raising an error.
@@ -47,6 +52,7 @@ class AWQConfig:
     clip: bool = True
     clip_grid: int = 20
     asym_clip: bool = True
+    clip_sweeps: int = 2
     max_shrink: float = 0.5
     clip_chunk: int = 256
     block_chunk: int = 4  # calibration sequences per forward through a block (bounds its temporaries)
@@ -58,6 +64,8 @@ class AWQConfig:
             raise AwqNbError(f"w_bit={self.w_bit!r} is not supported: choose an integer from {MIN_BITS} to {MAX_BITS}.")
         if self.group_size not in GROUP_SIZES:
             raise AwqNbError(f"group_size={self.group_size!r} is not supported: choose one of {GROUP_SIZES} (-1 = per-channel).")
+        if not isinstance(self.clip_sweeps, int) or self.clip_sweeps < 0:
+            raise AwqNbError(f"clip_sweeps={self.clip_sweeps!r} must be a non-negative integer (0: score each group alone).")
         for name in ("n_grid", "search_samples", "clip_grid", "clip_chunk", "block_chunk"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:

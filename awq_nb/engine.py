@@ -22,7 +22,7 @@ from .errors import AwqNbError
 from .quantizer import fitting_group_sizes, pseudo_quantize
 from .results import AWQResult, ClipRecord, ScaleRecord
 from .memory import trim
-from .search import apply_clip_, clip_ratio_grid, gram_loss, search_clip, search_scales
+from .search import apply_clip_, clip_ratio_grid, gram_loss, search_clip, search_scales, unscaled_gram
 from .trace import BlockTrace, trace_block
 
 Progress = Callable[[int, int, str], None]
@@ -198,18 +198,14 @@ def _search_block(
         for n, m in block_linears(work).items():
             if n in spec.skip_clip or n not in tr.grams or _kept(f"{prefix}.{n}", keep):
                 continue
-            sig = tr.grams[n].float()
+            sig = tr.grams[n].float()  # [K, K] (clip_sweeps > 0) or its diagonal blocks [G, g, g]
             if n in in_scale:
-                s = in_scale[n].to(sig.device)
-                g = sig.shape[-1]
-                sg = s.reshape(-1, g)
-                sig = sig / (sg[:, :, None] * sg[:, None, :])
+                sig = unscaled_gram(sig, in_scale[n].to(sig.device))
             w = weight_nk(m)
             found = search_clip(w, sig, config.w_bit, config.group_size, config.zero_point, ratios, config.clip_chunk,
-                                asym=config.asym_clip)
+                                asym=config.asym_clip, sweeps=config.clip_sweeps)
             apply_clip_(w, found.max_val, config.group_size, found.min_val)
-            clip_recs.append(ClipRecord(idx, n, found.max_val, found.ratios, ratios, found.loss_before, found.loss_after,
-                                        found.min_val, found.min_ratios))
+            clip_recs.append(ClipRecord(idx, n, ratio_grid=ratios, **found._asdict()))
 
     errors = {}
     for n, m in block_linears(work).items():
@@ -282,7 +278,8 @@ def search(
         inspect = {rg.group.inspect: rg.inspect for rg in resolve_groups(block, spec) if not is_linear(rg.inspect)}
         gram_for = {n for n in linears if n not in spec.skip_clip and not _kept(f"{prefix}.{n}", keep)} if config.clip else set()
         args, kwargs = cast_floats(inp.args[i], device=device), cast_floats(inp.kwargs[i], device=device)
-        tr = trace_block(block, linears, inspect, hidden, args, kwargs, config.block_chunk, config.search_samples, gram_for, config.group_size)
+        tr = trace_block(block, linears, inspect, hidden, args, kwargs, config.block_chunk, config.search_samples, gram_for, config.group_size,
+                         full_gram=config.clip_sweeps > 0)
         trim()  # the forward's temporaries, before the search allocates its own
         scales, clips, errors = _search_block(i, block, spec, tr, config, prefix, keep, hints)
         result.scales += scales

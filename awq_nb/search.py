@@ -23,6 +23,14 @@ of ratios. A group whose large weights sit on one side then keeps that side's ra
 only the other; one shared ratio (AutoAWQ's and llm-compressor's search) cannot. The pair
 ``(1, 1)`` and every shared ratio ``(r, r)`` are among the candidates, so the chosen error is
 never above the shared-ratio search's.
+
+The per-group error ignores that the groups of a row add up in one output: the row's error is
+``d^T Sigma d`` over the whole row, and ``Sigma``'s off-diagonal blocks (channels that move together,
+as real activations do) couple the groups. Given the full Gram matrix, the search refines the
+per-group choice by Gauss-Seidel sweeps over the groups: each group in turn takes whichever of
+its per-group candidates gives the least whole-row error with the other groups
+held fixed, ``d_g'^T Sigma_gg d_g' + 2 d_g'^T u`` with ``u = sum_{j != g} Sigma_gj d_j``. No step
+can raise the error. At w3g64 on SmolLM2 this took perplexity from 38.7 to 34.6 (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from .errors import AwqNbError
 from .quantizer import pseudo_quantize
 
 
@@ -80,6 +89,23 @@ def gram_diag_blocks(x: torch.Tensor, group_size: int) -> torch.Tensor:
     g = group_size if group_size > 0 else k
     xg = x2.reshape(x2.shape[0], k // g, g).transpose(0, 1)  # [G, T, g]
     return xg.transpose(1, 2) @ xg
+
+
+def gram_blocks(sigma: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The diagonal ``g x g`` blocks of a ``[K, K]`` Gram matrix: ``[K/g, g, g]``."""
+    k = sigma.shape[0]
+    g = group_size if group_size > 0 else k
+    n = k // g
+    return sigma.reshape(n, g, n, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+def unscaled_gram(sigma: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The Gram matrix of ``x / s`` (the input a weight scaled by ``s`` sees) from that of ``x``:
+    full ``[K, K]`` or diagonal blocks ``[G, g, g]``."""
+    if sigma.dim() == 2:
+        return sigma / (s[:, None] * s[None, :])
+    sg = s.reshape(-1, sigma.shape[-1])
+    return sigma / (sg[:, :, None] * sg[:, None, :])
 
 
 def gram_loss(d: torch.Tensor, sigma: torch.Tensor) -> float:
@@ -151,59 +177,113 @@ class ClipFound(NamedTuple):
 
 def search_clip(
     w: torch.Tensor,
-    sigma_blocks: torch.Tensor,
+    sigma: torch.Tensor,
     bits: int,
     group_size: int,
     zero_point: bool,
     ratios: list[float],
     chunk: int,
     asym: bool = False,
+    sweeps: int = 2,
 ) -> ClipFound:
-    """Clipping search for one Linear ``w [N, K]`` (already scaled) given its input's Gram
-    diagonal blocks ``[G, g, g]``, ``chunk`` output rows at a time.
+    """Clipping search for one Linear ``w [N, K]`` (already scaled), ``chunk`` output rows at a time.
 
+    ``sigma``: the input's Gram matrix, either its diagonal blocks ``[G, g, g]`` (each group scored
+    on its own) or the full ``[K, K]`` (``X^T X``). With the full matrix, the per-group choice is
+    refined by up to ``sweeps`` passes over the groups on the whole output error, cross-group
+    terms included (module docstring).
     ``asym`` (zero point only): shrink each group's min and max by separate ratios, all
     ``len(ratios)**2`` pairs; otherwise clamp to ``[-r * max|w|, r * max|w|]``.
     """
     n, k = w.shape
     g = group_size if group_size > 0 else k
     n_groups = k // g
+    if not ratios or ratios[0] != 1.0:
+        raise AwqNbError(f"clip ratios must start at 1.0 (no clipping), got {ratios[:3]}...: use clip_ratio_grid().")
     asym = asym and zero_point
-    sigma = sigma_blocks.to(w.device)
-    pairs = [(lo, hi) for hi in ratios for lo in ratios] if asym else [(r, r) for r in ratios]
+    sigma = sigma.to(w.device, torch.float32)
+    full = sigma if sigma.dim() == 2 and sweeps > 0 and n_groups > 1 else None
+    blocks = gram_blocks(sigma, g) if sigma.dim() == 2 else sigma
+    lo_r = torch.tensor([lo for hi in ratios for lo in ratios] if asym else ratios, device=w.device)
+    hi_r = torch.tensor([hi for hi in ratios for lo in ratios] if asym else ratios, device=w.device)
+    if full is not None:  # every candidate's error is kept for the sweeps: bound that to ~64 MB
+        chunk = max(1, min(chunk, CROSS_BYTES // (4 * len(lo_r) * k)))
     out = {"max_val": [], "ratios": [], "min_val": [], "min_ratios": []}
     before = after = 0.0
     for r0 in range(0, n, chunk):
-        wc = w[r0 : r0 + chunk].float().reshape(-1, n_groups, g)  # [c, G, g]
+        wg = w[r0 : r0 + chunk].float().reshape(-1, n_groups, g).transpose(0, 1).contiguous()  # [G, c, g]
         if asym:
-            top, bottom = wc.amax(dim=-1, keepdim=True), wc.amin(dim=-1, keepdim=True)  # [c, G, 1]
+            top, bottom = wg.amax(dim=-1, keepdim=True), wg.amin(dim=-1, keepdim=True)  # [G, c, 1]
         else:
-            top = wc.abs().amax(dim=-1, keepdim=True)
+            top = wg.abs().amax(dim=-1, keepdim=True)
             bottom = -top
-        best_err = torch.full(wc.shape[:2], math.inf, device=w.device)
-        best_hi = torch.ones(wc.shape[:2], device=w.device)
-        best_lo = torch.ones(wc.shape[:2], device=w.device)
-        for r_lo, r_hi in pairs:
-            clamped = torch.minimum(torch.maximum(wc, bottom * r_lo), top * r_hi)
-            wq = pseudo_quantize(clamped.reshape(-1, g), bits, g, zero_point).reshape(wc.shape)
-            dt = (wq - wc).transpose(0, 1)  # [G, c, g]: one small matmul per group
-            err = (torch.bmm(dt, sigma) * dt).sum(-1).transpose(0, 1)
-            err = torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf))
-            if r_lo == r_hi == 1.0:
-                before += float(err.sum())
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_hi = torch.where(better, torch.full_like(best_hi, r_hi), best_hi)
-            best_lo = torch.where(better, torch.full_like(best_lo, r_lo), best_lo)
-        after += float(best_err.sum())
-        out["max_val"].append((top.squeeze(-1) * best_hi).cpu())
-        out["ratios"].append(best_hi.cpu())
-        out["min_val"].append((bottom.squeeze(-1) * best_lo).cpu())
-        out["min_ratios"].append(best_lo.cpu())
+        errs = []  # per candidate: [G, c]
+        deltas = torch.empty(len(lo_r), *wg.shape, device=w.device) if full is not None else None
+        for p, (r_lo, r_hi) in enumerate(zip(lo_r.tolist(), hi_r.tolist())):
+            clamped = torch.minimum(torch.maximum(wg, bottom * r_lo), top * r_hi)
+            wq = pseudo_quantize(clamped.reshape(-1, g), bits, g, zero_point).reshape(wg.shape)
+            dt = wq.sub_(wg) if deltas is None else torch.sub(wq, wg, out=deltas[p])
+            err = (torch.bmm(dt, blocks) * dt).sum(-1)  # one small matmul per group
+            errs.append(torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf)))
+        errs = torch.stack(errs)  # [P, G, c]
+        best = errs.argmin(0)  # [G, c]
+        if deltas is None:
+            before += float(errs[0].sum())  # candidate 0 is the pair (1, 1): no clipping
+            after += float(errs.gather(0, best[None]).sum())
+        else:
+            b, a = _refine_cross(deltas, errs, best, full, sweeps)
+            before += b
+            after += a
+        out["max_val"].append((top.squeeze(-1) * hi_r[best]).T.cpu())
+        out["ratios"].append(hi_r[best].T.cpu())
+        out["min_val"].append((bottom.squeeze(-1) * lo_r[best]).T.cpu())
+        out["min_ratios"].append(lo_r[best].T.cpu())
     cat = {key: torch.cat(v) for key, v in out.items()}
     if not asym:
         return ClipFound(cat["max_val"], cat["ratios"], before, after)
     return ClipFound(cat["max_val"], cat["ratios"], before, after, cat["min_val"], cat["min_ratios"])
+
+
+CROSS_BYTES = 64 << 20  # candidate errors kept per row chunk by the cross-group sweeps
+
+
+def _refine_cross(deltas: torch.Tensor, errs: torch.Tensor, best: torch.Tensor, sigma: torch.Tensor, sweeps: int):
+    """Gauss-Seidel over groups on the whole output error ``sum_n d_n^T Sigma d_n`` of a chunk of
+    rows. ``deltas [P, G, c, g]``: each candidate's weight error; ``errs [P, G, c]``: its per-group
+    error ``d_g^T Sigma_gg d_g``; ``best [G, c]``: the per-group choice, updated in place. Each step
+    lowers the error or keeps it. Returns (error without clipping, error after)."""
+    _, n_groups, c, g = deltas.shape
+    rows = torch.arange(c, device=deltas.device)
+
+    def row_major(t):  # [G, c, g] -> [c, K]
+        return t.transpose(0, 1).reshape(c, -1)
+
+    d0 = row_major(deltas[0])  # candidate 0: no clipping
+    before = float(((d0 @ sigma) * d0).sum())
+    d = deltas[best, torch.arange(n_groups, device=deltas.device)[:, None], rows[None, :]]  # [G, c, g]
+    v = (row_major(d) @ sigma).reshape(c, n_groups, g).transpose(0, 1)  # Sigma d per row, as [G, c, g]
+    for _ in range(sweeps):
+        changed = False
+        for gi in range(n_groups):
+            cols = slice(gi * g, (gi + 1) * g)
+            dg = d[gi]
+            u = v[gi] - dg @ sigma[cols, cols]  # the other groups' pull: sum_j Sigma_gj d_j, j != g
+            # the whole error with this group alone moved to each candidate, up to a constant
+            j = errs[:, gi] + 2 * (deltas[:, gi] * u).sum(-1)  # [P, c]
+            pick = j.argmin(0)
+            cur = best[gi]
+            better = j[pick, rows] < j[cur, rows]
+            if not bool(better.any()):
+                continue
+            changed = True
+            pick = torch.where(better, pick, cur)
+            new = deltas[pick, gi, rows]
+            v += ((new - dg) @ sigma[cols, :]).reshape(c, n_groups, g).transpose(0, 1)
+            d[gi] = new
+            best[gi] = pick
+        if not changed:
+            break
+    return before, float((v * d).sum())
 
 
 def apply_clip_(w: torch.Tensor, max_val: torch.Tensor, group_size: int, min_val: torch.Tensor | None = None) -> None:

@@ -1,8 +1,8 @@
 """One fp forward through a decoder block, with hooks that gather what both searches need.
 
 Per Linear: mean |x| and max |x| per input channel (saliency, over all tokens) and, for the
-Linears whose clipping is searched, the diagonal blocks of the Gram matrix ``X^T X`` (over all
-tokens). For the first ``record_n`` sequences: each Linear's full Gram matrix (the single-Linear
+Linears whose clipping is searched, the Gram matrix ``X^T X`` over all tokens (``full_gram``) or
+only its diagonal ``g x g`` blocks. For the first ``record_n`` sequences: each Linear's full Gram matrix (the single-Linear
 scale search and the per-layer error report need nothing else of its input, and a ``[K, K]``
 matrix is far smaller than ``record_n x T`` rows of ``K``) and each inspected module's call
 arguments and output, replayed later by the scale search.
@@ -23,7 +23,7 @@ from .search import gram, gram_diag_blocks
 @dataclass
 class BlockTrace:
     stats: dict[str, ChannelStats] = field(default_factory=dict)
-    grams: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [G, g, g]
+    grams: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [K, K] (full_gram) or [G, g, g]
     sigmas: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> X^T X [K, K] over the recorded sequences
     recorded_tokens: dict[str, int] = field(default_factory=dict)  # name -> rows of X in its sigma
     calls: dict[str, list[tuple[tuple, dict]]] = field(default_factory=dict)  # inspect name -> (args, kwargs)
@@ -44,6 +44,7 @@ def trace_block(
     record_n: int,
     gram_for: set[str],
     group_size: int,
+    full_gram: bool = False,
 ) -> BlockTrace:
     """Run ``block`` over ``hidden [n, T, H]`` (in chunks) and gather a :class:`BlockTrace`.
 
@@ -80,7 +81,10 @@ def trace_block(
             counts[name] = counts.get(name, 0) + cached["n"]
             if name in gram_for:
                 if "gram" not in cached:
-                    cached["gram"] = gram_diag_blocks(x.detach(), group_size)
+                    if full_gram:
+                        cached["gram"] = cached["sigma"] if "sigma" in cached else gram(x.detach())
+                    else:
+                        cached["gram"] = gram_diag_blocks(x.detach(), group_size)
                 tr.grams[name] = tr.grams[name] + cached["gram"] if name in tr.grams else cached["gram"]
             if recording["on"]:
                 tr.sigmas[name] = tr.sigmas[name] + cached["sigma"] if name in tr.sigmas else cached["sigma"]

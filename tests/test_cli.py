@@ -65,8 +65,9 @@ def test_quantize_then_eval(tmp_path, smollm2):
     peaks = [stages["loaded"], *stages["blocks"], stages["saved"]]
     assert len(stages["blocks"]) == 30 and peaks == sorted(peaks) and peaks[-1] == s["peak_memory_bytes"]
     assert (out / "awq_search.pt").exists() and (out / "config.json").exists()
-    found = awq_nb.AWQResult.load(out / "awq_search.pt")  # the default clips min and max apart
+    found = awq_nb.AWQResult.load(out / "awq_search.pt")  # the default clips min and max apart, rows as a whole
     assert found.config["asym_clip"] and found.clips and all(c.min_val is not None for c in found.clips)
+    assert found.config["clip_sweeps"] == 2
     e = run("eval", str(out), "--seqlen", "256", "--max-windows", "2")
     assert e.returncode == 0, e.stderr[-3000:]
     r = json.loads(e.stdout.strip().splitlines()[-1])

@@ -8,6 +8,7 @@ import torch
 import awq_nb
 from awq_nb.arch import find_quantizable, weight_nk
 from awq_nb.evaluate import perplexity
+from awq_nb.search import gram_blocks
 from tiny_models import tiny_model
 
 
@@ -74,7 +75,8 @@ def test_saliency_matches_a_direct_measurement():
 def test_trace_keeps_each_linears_gram_over_the_recorded_sequences(family):
     # The trace keeps X^T X of every Linear's input over the first record_n sequences instead of
     # the inputs themselves, summed over chunks; q/k/v (and gate/up, or phi3's fused layers) share
-    # one input tensor and one Gram computation.
+    # one input tensor and one Gram computation. For the clipping search: X^T X over all
+    # sequences (full_gram) or its diagonal blocks.
     from awq_nb.arch import block_linears, get_blocks, get_spec
     from awq_nb.capture import capture_inputs
     from awq_nb.trace import trace_block
@@ -87,18 +89,25 @@ def test_trace_keeps_each_linears_gram_over_the_recorded_sequences(family):
     seen = {}
     hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, []).append(a[0].detach().reshape(-1, a[0].shape[-1]).clone()))
              for n, m in linears.items()]
+    clipped = set(list(linears)[-2:])
     try:
         tr = trace_block(block, linears, {}, inp.hidden.clone(), inp.args[0], inp.kwargs[0], chunk=2, record_n=4,
-                         gram_for=set(), group_size=32)
+                         gram_for=clipped, group_size=32, full_gram=True)
+        blocks = trace_block(block, linears, {}, inp.hidden.clone(), inp.args[0], inp.kwargs[0], chunk=2, record_n=4,
+                             gram_for=clipped, group_size=32).grams
     finally:
         for h in hooks:
             h.remove()
-    assert set(tr.sigmas) == set(linears)
+    assert set(tr.sigmas) == set(linears) and set(tr.grams) == set(blocks) == clipped
     for n, xs in seen.items():
-        assert len(xs) == 3  # chunks of 2, 2 (recorded) and 2 (not)
+        assert len(xs) == 6  # two traces, each in chunks of 2, 2 (recorded) and 2 (not)
         x = torch.cat(xs[:2])
         assert tr.recorded_tokens[n] == 4 * 24
         torch.testing.assert_close(tr.sigmas[n], x.T @ x, rtol=1e-4, atol=1e-4, msg=f"{n}")
+        if n in clipped:
+            x_all = torch.cat(xs[:3])
+            torch.testing.assert_close(tr.grams[n], x_all.T @ x_all, rtol=1e-4, atol=1e-4, msg=f"{n}")
+            torch.testing.assert_close(blocks[n], gram_blocks(x_all.T @ x_all, 32), rtol=1e-4, atol=1e-4, msg=f"{n}")
 
 
 def test_quantize_puts_weights_on_the_grid_and_beats_rtn_on_calibration_error():

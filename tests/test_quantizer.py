@@ -50,5 +50,7 @@ def test_bad_bits_and_group_sizes():
         pseudo_quantize(torch.randn(2, 64), 1, 64)
     with pytest.raises(AwqNbError, match="group_size=100"):
         AWQConfig(group_size=100)
+    with pytest.raises(AwqNbError, match=r"clip_sweeps=-1 must be a non-negative integer \(0: score each group alone\)"):
+        AWQConfig(clip_sweeps=-1)
     with pytest.raises(AwqNbError, match=r"in_features=96 is not a multiple of group_size=64.*\[32\]"):
         pseudo_quantize(torch.randn(2, 96), 4, 64)

@@ -102,6 +102,34 @@ def test_asymmetric_clip_search_shrinks_each_end_on_its_own_and_is_never_worse()
     assert sym.min_val is None
 
 
+def test_cross_group_clip_refinement_lowers_the_full_output_error():
+    # Channels sharing a common component (as real activations do) correlate across groups, so the
+    # full error sum_n d_n^T Sigma d_n has cross-group terms that a per-group search ignores.
+    torch.manual_seed(4)
+    x = torch.randn(2048, 256) + torch.randn(2048, 1)
+    x[:, :3] *= 10
+    w = torch.randn(48, 256) * 0.1
+    sig = gram(x)
+    blocks = gram_diag_blocks(x, 64)
+    ratios = clip_ratio_grid(20, 0.5)
+
+    def full_err(found):
+        wc = w.clone()
+        apply_clip_(wc, found.max_val, 64, found.min_val)
+        d = pseudo_quantize(wc, 3, 64) - w
+        return gram_loss(d, sig)
+
+    per_group = search_clip(w, blocks, 3, 64, True, ratios, chunk=16, asym=True)
+    cross = search_clip(w, sig, 3, 64, True, ratios, chunk=16, asym=True)
+    assert full_err(cross) < 0.97 * full_err(per_group)
+    assert cross.loss_after == pytest.approx(full_err(cross), rel=1e-4)  # reported on the full Gram
+    assert cross.loss_before == pytest.approx(gram_loss(pseudo_quantize(w, 3, 64) - w, sig), rel=1e-4)
+    # with no cross-group correlation there is nothing to gain: the per-group choice is kept
+    block_diag = torch.block_diag(*blocks)
+    same = search_clip(w, block_diag, 3, 64, True, ratios, chunk=16, asym=True)
+    assert torch.equal(same.ratios, per_group.ratios) and torch.equal(same.min_ratios, per_group.min_ratios)
+
+
 def test_pruned_scale_search_is_exact_and_stops_losers_early():
     # loss = sum over 16 "sequences" of non-negative errors; with prune=True a candidate may stop
     # once its partial sum passes the bound, and the search must still return the full-grid argmin.
