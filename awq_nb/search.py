@@ -259,9 +259,10 @@ def _refine_cross(deltas: torch.Tensor, errs: torch.Tensor, best: torch.Tensor, 
         return t.transpose(0, 1).reshape(c, -1)
 
     d0 = row_major(deltas[0])  # candidate 0: no clipping
-    before = float(((d0 @ sigma) * d0).sum())
+    e0 = ((d0 @ sigma) * d0).sum(-1)
     d = deltas[best, torch.arange(n_groups, device=deltas.device)[:, None], rows[None, :]]  # [G, c, g]
     v = (row_major(d) @ sigma).reshape(c, n_groups, g).transpose(0, 1)  # Sigma d per row, as [G, c, g]
+    before = float(e0.sum())
     for _ in range(sweeps):
         changed = False
         for gi in range(n_groups):
@@ -283,7 +284,10 @@ def _refine_cross(deltas: torch.Tensor, errs: torch.Tensor, best: torch.Tensor, 
             best[gi] = pick
         if not changed:
             break
-    return before, float((v * d).sum())
+    e = (row_major(v) * row_major(d)).sum(-1)
+    worse = e > e0  # a row that ends worse as a whole than without clipping is not clipped
+    best[:, worse] = 0
+    return before, float(torch.where(worse, e0, e).sum())
 
 
 def apply_clip_(w: torch.Tensor, max_val: torch.Tensor, group_size: int, min_val: torch.Tensor | None = None) -> None:

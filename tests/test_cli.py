@@ -67,7 +67,7 @@ def test_quantize_then_eval(tmp_path, smollm2):
     assert (out / "awq_search.pt").exists() and (out / "config.json").exists()
     found = awq_nb.AWQResult.load(out / "awq_search.pt")  # the default clips min and max apart, rows as a whole
     assert found.config["asym_clip"] and found.clips and all(c.min_val is not None for c in found.clips)
-    assert found.config["clip_sweeps"] == 2
+    assert found.config["clip_sweeps"] == 2 and all(c.loss_after <= c.loss_before for c in found.clips)
     e = run("eval", str(out), "--seqlen", "256", "--max-windows", "2")
     assert e.returncode == 0, e.stderr[-3000:]
     r = json.loads(e.stdout.strip().splitlines()[-1])
