@@ -208,7 +208,7 @@ def search_clip(
     hi_r = torch.tensor([hi for hi in ratios for lo in ratios] if asym else ratios, device=w.device)
     if full is not None:  # every candidate's error is kept for the sweeps: bound that to ~64 MB
         chunk = max(1, min(chunk, CROSS_BYTES // (4 * len(lo_r) * k)))
-    out = {"max_val": [], "ratios": [], "min_val": [], "min_ratios": []}
+    out = {"max_val": [], "ratios": [], **({"min_val": [], "min_ratios": []} if asym else {})}
     before = after = 0.0
     for r0 in range(0, n, chunk):
         wg = w[r0 : r0 + chunk].float().reshape(-1, n_groups, g).transpose(0, 1).contiguous()  # [G, c, g]
@@ -236,8 +236,9 @@ def search_clip(
             after += a
         out["max_val"].append((top.squeeze(-1) * hi_r[best]).T.cpu())
         out["ratios"].append(hi_r[best].T.cpu())
-        out["min_val"].append((bottom.squeeze(-1) * lo_r[best]).T.cpu())
-        out["min_ratios"].append(lo_r[best].T.cpu())
+        if asym:
+            out["min_val"].append((bottom.squeeze(-1) * lo_r[best]).T.cpu())
+            out["min_ratios"].append(lo_r[best].T.cpu())
     cat = {key: torch.cat(v) for key, v in out.items()}
     if not asym:
         return ClipFound(cat["max_val"], cat["ratios"], before, after)

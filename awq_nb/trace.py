@@ -63,6 +63,11 @@ def trace_block(
     recording = {"on": False}
     per_call_cache: dict[tuple, object] = {}  # q/k/v and gate/up share one input tensor
 
+    def sigma_of(cached):  # X^T X of one input tensor, computed once for all Linears that read it
+        if "sigma" not in cached:
+            cached["sigma"] = gram(cached["xf"])
+        return cached["sigma"]
+
     def linear_hook(name):
         def hook(_m, inp):
             x = inp[0]
@@ -72,22 +77,17 @@ def trace_block(
                 xf = x.detach().reshape(-1, x.shape[-1]).float()
                 # "x" keeps the input alive until the chunk ends, so its address cannot be reused
                 # by another Linear's input and hit this cache
-                cached = {"sum": xf.abs().sum(0), "max": xf.abs().amax(0), "n": xf.shape[0], "x": x}
-                if recording["on"]:
-                    cached["sigma"] = gram(xf)
+                cached = {"sum": xf.abs().sum(0), "max": xf.abs().amax(0), "n": xf.shape[0], "x": x, "xf": xf}
                 per_call_cache[key] = cached
             sums[name] = sums.get(name, 0) + cached["sum"]
             maxs[name] = torch.maximum(maxs[name], cached["max"]) if name in maxs else cached["max"]
             counts[name] = counts.get(name, 0) + cached["n"]
             if name in gram_for:
                 if "gram" not in cached:
-                    if full_gram:
-                        cached["gram"] = cached["sigma"] if "sigma" in cached else gram(x.detach())
-                    else:
-                        cached["gram"] = gram_diag_blocks(x.detach(), group_size)
+                    cached["gram"] = sigma_of(cached) if full_gram else gram_diag_blocks(x.detach(), group_size)
                 tr.grams[name] = tr.grams[name] + cached["gram"] if name in tr.grams else cached["gram"]
             if recording["on"]:
-                tr.sigmas[name] = tr.sigmas[name] + cached["sigma"] if name in tr.sigmas else cached["sigma"]
+                tr.sigmas[name] = tr.sigmas[name] + sigma_of(cached) if name in tr.sigmas else sigma_of(cached)
                 tr.recorded_tokens[name] = tr.recorded_tokens.get(name, 0) + cached["n"]
 
         return hook
