@@ -93,26 +93,35 @@ def dequantize_int(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
     return ((g - z) * scale.reshape(-1, 1).float()).reshape(n, k)
 
 
-def pseudo_quantize(w: torch.Tensor, bits: int, group_size: int, zero_point: bool = True) -> torch.Tensor:
+def pseudo_quantize(w: torch.Tensor, bits: int, group_size: int, zero_point: bool = True,
+                    extremes: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Quantize then dequantize ``w [N, K]`` ("fake quantization"); same shape and dtype as ``w``.
 
     Computed in fp32 whatever the input dtype, so fp16/bf16 weights round the same way. The
     same arithmetic as :func:`quant_params` + :func:`quantize_int` + :func:`dequantize_int`,
     fused with in-place ops because the searches call it thousands of times.
+
+    ``extremes``: each group's ``(min, max)`` (``[N * K/g]`` values each), when the caller already
+    knows them exactly (the clipping search does), to skip the pass that finds them. Symmetric
+    quantization uses only the larger magnitude of the two.
     """
     check_bits(bits)
     n, k = w.shape
     g = _grouped(w, group_size).float()
+    if extremes is not None:
+        wmin, wmax = extremes[0].reshape(-1, 1).float().clone(), extremes[1].reshape(-1, 1).float()
     if zero_point:
         max_int = 2**bits - 1
-        wmin, wmax = torch.aminmax(g, dim=1, keepdim=True)
+        if extremes is None:
+            wmin, wmax = torch.aminmax(g, dim=1, keepdim=True)
         scale = (wmax - wmin).clamp_(min=SCALE_EPS).div_(max_int)
         zero = torch.round(wmin.neg_().div_(scale)).clamp_(0, max_int)
         q = torch.round(g / scale).add_(zero).clamp_(0, max_int)
         out = q.sub_(zero).mul_(scale)
     else:
         lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-        scale = g.abs().amax(dim=1, keepdim=True).clamp_(min=SCALE_EPS).div_(hi)
+        absmax = g.abs().amax(dim=1, keepdim=True) if extremes is None else torch.maximum(wmin.abs_(), wmax.abs())
+        scale = absmax.clamp_(min=SCALE_EPS).div_(hi)
         out = torch.round(g / scale).clamp_(lo, hi).mul_(scale)
     return out.reshape(n, k).to(w.dtype)
 

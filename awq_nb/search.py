@@ -212,16 +212,20 @@ def search_clip(
     before = after = 0.0
     for r0 in range(0, n, chunk):
         wg = w[r0 : r0 + chunk].float().reshape(-1, n_groups, g).transpose(0, 1).contiguous()  # [G, c, g]
+        w_lo, w_hi = torch.aminmax(wg, dim=-1, keepdim=True)  # [G, c, 1]
         if asym:
-            top, bottom = wg.amax(dim=-1, keepdim=True), wg.amin(dim=-1, keepdim=True)  # [G, c, 1]
+            top, bottom = w_hi, w_lo
         else:
-            top = wg.abs().amax(dim=-1, keepdim=True)
+            top = torch.maximum(w_hi, -w_lo)
             bottom = -top
         errs = []  # per candidate: [G, c]
         deltas = torch.empty(len(lo_r), *wg.shape, device=w.device) if full is not None else None
         for p, (r_lo, r_hi) in enumerate(zip(lo_r.tolist(), hi_r.tolist())):
-            clamped = torch.minimum(torch.maximum(wg, bottom * r_lo), top * r_hi)
-            wq = pseudo_quantize(clamped.reshape(-1, g), bits, g, zero_point).reshape(wg.shape)
+            lo, hi = bottom * r_lo, top * r_hi
+            clamped = torch.minimum(torch.maximum(wg, lo), hi)
+            # clamping is monotone, so a group's new min and max are its old ones clamped alike
+            ends = (torch.minimum(torch.maximum(w_lo, lo), hi), torch.minimum(torch.maximum(w_hi, lo), hi))
+            wq = pseudo_quantize(clamped.reshape(-1, g), bits, g, zero_point, extremes=ends).reshape(wg.shape)
             dt = wq.sub_(wg) if deltas is None else torch.sub(wq, wg, out=deltas[p])
             err = (torch.bmm(dt, blocks) * dt).sum(-1)  # one small matmul per group
             errs.append(torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf)))

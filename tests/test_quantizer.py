@@ -35,6 +35,18 @@ def test_levels_and_error_bound(bits, group_size):
     assert torch.all((dq - w).abs() <= step / 2 + 1e-6)
 
 
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_known_extremes_give_the_same_rounding(zero_point):
+    torch.manual_seed(0)
+    w = torch.randn(6, 128)
+    w[0, :64] = w[0, :64].abs() + 0.1  # a group with no negative weight
+    w[1, 64:] = -w[1, 64:].abs() - 0.1  # and one with no positive weight
+    lo, hi = torch.aminmax(w.reshape(-1, 64), dim=1)
+    got = pseudo_quantize(w, 3, 64, zero_point, extremes=(lo, hi))
+    assert torch.equal(got, pseudo_quantize(w, 3, 64, zero_point))
+    assert torch.equal(lo, w.reshape(-1, 64).amin(1))  # the caller's tensors are left as they were
+
+
 def test_fp16_and_bf16_round_like_fp32():
     w = torch.randn(8, 128)
     for dt in (torch.float16, torch.bfloat16):

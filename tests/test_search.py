@@ -73,6 +73,9 @@ def test_clip_search_never_worse_and_applies():
     assert float(wc.abs().max()) <= float(max_val.max()) + 1e-6
     err = lambda v: gram_loss(pseudo_quantize(v, 3, 64) - w, gram(x))  # noqa: E731
     assert err(wc) < err(w)
+    # the reported loss is that of the weights apply_clip_ gives, summed per group as searched
+    d = (pseudo_quantize(wc, 3, 64) - w).reshape(24, 2, 64)
+    assert float(torch.einsum("ngi,gij,ngj->", d, gram_diag_blocks(x, 64), d)) == pytest.approx(after, rel=1e-4)
 
 
 def test_asymmetric_clip_search_shrinks_each_end_on_its_own_and_is_never_worse():
