@@ -7,6 +7,7 @@ ordinary Hugging Face folder (safetensors) under ``$AWQ_NB_CACHE`` (default
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -184,24 +185,45 @@ def _cache_is_current(folder: Path) -> bool:
     return model.get("type") == "BPE" and bool(model.get("merges"))
 
 
+@contextlib.contextmanager
+def _converting(folder: Path):
+    """Hold an exclusive lock beside ``folder`` while it is checked and (re)written, so that two
+    processes starting at once (two notebooks, parallel tests) convert it once and never remove
+    a folder the other is reading. No lock where ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _cached_conversion(gguf: Callable[[], Path], folder: Path) -> str:
+    if not _cache_is_current(folder):
+        with _converting(folder):
+            if not _cache_is_current(folder):  # another process may have written it meanwhile
+                _gguf_to_folder(gguf(), folder)
+    return str(folder)
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """A bundled name or ``.gguf`` file becomes a cached HF folder; other inputs pass through."""
     key = name_or_path.lower()
     if key in BUNDLED_MODELS:
-        folder = cache_dir() / key
-        if not _cache_is_current(folder):
-            _gguf_to_folder(BUNDLED_MODELS[key].locate(cache_dir()), folder)
-        return str(folder)
+        return _cached_conversion(lambda: BUNDLED_MODELS[key].locate(cache_dir()), cache_dir() / key)
     p = Path(name_or_path).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():
             raise AwqNbError(f"GGUF file {p} does not exist.")
         st = p.stat()
         digest = hashlib.sha1(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-        folder = cache_dir() / f"gguf-{p.stem}-{digest}"
-        if not _cache_is_current(folder):
-            _gguf_to_folder(p, folder)
-        return str(folder)
+        return _cached_conversion(lambda: p, cache_dir() / f"gguf-{p.stem}-{digest}")
     if p.exists():
         if not (p / "config.json").exists():
             raise AwqNbError(f"{p} exists but has no config.json: point to a Hugging Face model folder or a .gguf file.")

@@ -1,5 +1,7 @@
 """Loading the bundled GGUF models: the tokenizer conversion and a real-text sanity check."""
 import json
+import threading
+import time
 
 import pytest
 import torch
@@ -7,6 +9,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import BPE
 
 import awq_nb
+from awq_nb import models
 from awq_nb.models import _cache_is_current, sentencepiece_bpe_merges
 
 NORMAL, CONTROL = 1, 3
@@ -75,6 +78,31 @@ def test_stale_gemma_cache_is_rebuilt(tmp_path):
     assert not _cache_is_current(folder)
     (folder / "awq_nb_source.json").write_text(json.dumps({"converter": 2}))
     assert _cache_is_current(folder)
+
+
+def test_concurrent_loads_convert_once(tmp_path, monkeypatch):
+    # Two processes (here threads with their own lock handles) asking for the same uncached model
+    # at once: one converts, the other waits and uses its folder; neither sees a half-written one.
+    runs = []
+
+    def slow_convert(gguf, out):
+        runs.append(gguf)
+        time.sleep(0.3)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        (out / "awq_nb_source.json").write_text(json.dumps({"converter": models.CONVERTER_VERSION}))
+        return out
+
+    monkeypatch.setattr(models, "_gguf_to_folder", slow_convert)
+    folder = tmp_path / "cache" / "m"
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(models._cached_conversion(lambda: tmp_path / "m.gguf", folder)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [str(folder)] * 2 and len(runs) == 1
 
 
 def test_bundled_gemma_reads_english(gemma, one_thread):
