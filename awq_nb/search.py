@@ -228,8 +228,8 @@ def search_clip(
             wq = pseudo_quantize(clamped.reshape(-1, g), bits, g, zero_point, extremes=ends).reshape(wg.shape)
             dt = wq.sub_(wg) if deltas is None else torch.sub(wq, wg, out=deltas[p])
             err = (torch.bmm(dt, blocks) * dt).sum(-1)  # one small matmul per group
-            errs.append(torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf)))
-        errs = torch.stack(errs)  # [P, G, c]
+            errs.append(err)
+        errs = torch.stack(errs).nan_to_num_(nan=math.inf, posinf=math.inf, neginf=math.inf)  # [P, G, c]; never pick NaN/inf
         best = errs.argmin(0)  # [G, c]
         if deltas is None:
             before += float(errs[0].sum())  # candidate 0 is the pair (1, 1): no clipping

@@ -84,7 +84,7 @@ def trace_block(
             counts[name] = counts.get(name, 0) + cached["n"]
             if name in gram_for:
                 if "gram" not in cached:
-                    cached["gram"] = sigma_of(cached) if full_gram else gram_diag_blocks(x.detach(), group_size)
+                    cached["gram"] = sigma_of(cached) if full_gram else gram_diag_blocks(cached["xf"], group_size)
                 tr.grams[name] = tr.grams[name] + cached["gram"] if name in tr.grams else cached["gram"]
             if recording["on"]:
                 tr.sigmas[name] = tr.sigmas[name] + sigma_of(cached) if name in tr.sigmas else sigma_of(cached)
