@@ -41,7 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     q.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    q.add_argument("--n-grid", type=int, default=20, help="values of alpha the scale search tries (default 20)")
     q.add_argument("--no-clip", action="store_true", help="skip the clipping search")
+    q.add_argument("--clip-grid", type=int, default=20,
+                   help="clip ratios step down from 1.0 by 1/N towards 0.5 (default 20: 1.0, 0.95, ..., 0.55, and with "
+                        "--asym-clip every min/max pair of them, 100); a smaller N is faster and coarser")
     q.add_argument("--asym-clip", action=argparse.BooleanOptionalAction, default=True,
                    help="shrink each group's min and max separately (default, with a zero point); "
                         "--no-asym-clip: one shared ratio, as AutoAWQ")
@@ -87,8 +91,8 @@ def cmd_quantize(a) -> dict:
     from .engine import tqdm_progress
 
     config = AWQConfig(
-        w_bit=a.w_bit, group_size=a.group_size, zero_point=not a.no_zero_point, clip=not a.no_clip,
-        duo_scaling=a.duo_scaling, asym_clip=a.asym_clip, clip_sweeps=a.clip_sweeps, search_samples=a.search_samples, skip_indivisible=a.skip_indivisible,
+        w_bit=a.w_bit, group_size=a.group_size, zero_point=not a.no_zero_point, n_grid=a.n_grid, clip=not a.no_clip,
+        clip_grid=a.clip_grid, duo_scaling=a.duo_scaling, asym_clip=a.asym_clip, clip_sweeps=a.clip_sweeps, search_samples=a.search_samples, skip_indivisible=a.skip_indivisible,
     )
     out = Path(a.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -57,7 +57,7 @@ def test_refuses_to_overwrite(tmp_path):
 def test_quantize_then_eval(tmp_path, smollm2):
     out = tmp_path / "q"
     p = run("quantize", "smollm2-135m", "--out", str(out), "--w-bit", "3", "--group-size", "64", "--fake-quant",
-            "--n-samples", "4", "--seqlen", "128", "--search-samples", "2")
+            "--n-samples", "4", "--seqlen", "128", "--search-samples", "2", "--n-grid", "10", "--clip-grid", "10")
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads(p.stdout.strip().splitlines()[-1])
     assert s["out"] == str(out) and s["format"] == "fake-quant" and s["seconds"] > 0 and s["peak_memory_bytes"] > 1e8
@@ -68,6 +68,8 @@ def test_quantize_then_eval(tmp_path, smollm2):
     found = awq_nb.AWQResult.load(out / "awq_search.pt")  # the default clips min and max apart, rows as a whole
     assert found.config["asym_clip"] and found.clips and all(c.min_val is not None for c in found.clips)
     assert found.config["clip_sweeps"] == 2 and all(c.loss_after <= c.loss_before for c in found.clips)
+    assert (found.config["n_grid"], found.config["clip_grid"]) == (10, 10)  # the grid flags reach the search
+    assert all(len(r.losses) == 10 for r in found.scales) and all(len(c.ratio_grid) == 5 for c in found.clips)
     e = run("eval", str(out), "--seqlen", "256", "--max-windows", "2")
     assert e.returncode == 0, e.stderr[-3000:]
     r = json.loads(e.stdout.strip().splitlines()[-1])
