@@ -42,6 +42,18 @@ def setup() -> None:
     stamp.write_text(digest)
 
 
+def parallel(args: list[str], env: dict) -> list[str]:
+    """pytest-xdist options that run the suite on every core (at most 4 workers: each may hold a
+    real model), with one intra-op thread per worker unless OMP_NUM_THREADS is set: most tests
+    are small ops where a second thread mostly waits (timings in docs/benchmarks.md). Pass ``-n 0``
+    to run in one process."""
+    if "no:xdist" in args or any(a in ("-n", "--numprocesses") or a.startswith(("-n=", "--numprocesses=")) for a in args):
+        return []
+    workers = max(1, min(4, os.cpu_count() or 1))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    return ["-n", str(workers), "--dist", "worksteal"]
+
+
 def main(argv: list[str]) -> int:
     cmd = argv[0] if argv else "help"
     if cmd not in ("setup", "demo", "test"):
@@ -52,7 +64,7 @@ def main(argv: list[str]) -> int:
     if cmd == "demo":
         return subprocess.run([str(PY), "-m", "awq_nb", "demo", *argv[1:]], cwd=ROOT, env=env).returncode
     if cmd == "test":
-        return subprocess.run([str(PY), "-m", "pytest", "-q", *argv[1:]], cwd=ROOT, env=env).returncode
+        return subprocess.run([str(PY), "-m", "pytest", "-q", *parallel(argv[1:], env), *argv[1:]], cwd=ROOT, env=env).returncode
     return 0
 
 
