@@ -55,7 +55,7 @@ class AWQConfig:
     clip_sweeps: int = 2
     max_shrink: float = 0.5
     clip_chunk: int = 256
-    block_chunk: int = 4  # calibration sequences per forward through a block (bounds its temporaries)
+    block_chunk: int = 2  # calibration sequences per forward through a block (bounds its temporaries; docs/benchmarks.md)
     skip_indivisible: bool = False
     modules_to_not_convert: list[str] = field(default_factory=list)
 
