@@ -49,8 +49,9 @@ def parallel(args: list[str], env: dict) -> list[str]:
     to run in one process."""
     if "no:xdist" in args or any(a in ("-n", "--numprocesses") or a.startswith(("-n=", "--numprocesses=")) for a in args):
         return []
-    workers = max(1, min(4, os.cpu_count() or 1))
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    cores = os.cpu_count() or 1
+    workers = min(4, cores)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
     return ["-n", str(workers), "--dist", "worksteal"]
 
 
