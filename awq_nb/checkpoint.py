@@ -33,7 +33,7 @@ from .errors import AwqNbError
 from .kernels.layout import PACK_FACTOR
 from .packing import SCALE_DTYPE, check_format, pack_linear
 from .quantizer import quant_params
-from .wqlinear import WQLinear, matches_any, select_modules
+from .wqlinear import WQLinear, matches_any, prepare_native, select_modules
 
 QUANT_METHOD, FORMAT_VERSION = "awq", "gemm"
 WEIGHTS_NAME, INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
@@ -442,6 +442,8 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     if left:
         raise AwqNbError(f"{path}: no tensor was loaded for {left[:3]}; the checkpoint does not match config.json.")
     model.to(device).eval()
+    if device.type == "cuda":
+        prepare_native(model)  # repack once, on the GPU, for the Triton kernels (kernels/native.py)
     tokenizer = None
     if any((path / f).is_file() for f in TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)

@@ -9,8 +9,17 @@ that ``state_dict()`` keys are the checkpoint's tensor names::
     bias     [N] or None
 
 ``forward(x [..., K]) -> [..., N]`` in ``x.dtype``, through :func:`awq_nb.kernels.dispatch.awq_matmul`
-(Triton kernels on CUDA; on CPU, dequantize + matmul unless :meth:`WQLinear.prepare_cpu_int4` has
-converted the weight once for torch's much faster int4 CPU kernel).
+(on CPU, dequantize + matmul unless :meth:`WQLinear.prepare_cpu_int4` has converted the weight once
+for torch's much faster int4 CPU kernel).
+
+On CUDA the Triton kernels read the kernel-native layout (kernels/native.py).
+:meth:`WQLinear.prepare_native` repacks once, on the GPU, and *replaces* ``qweight``/``qzeros`` by
+the non-persistent buffers ``native_qweight [K/8, N]`` and ``native_zeros [K/g, N]`` (uint8): the
+extra memory is the unpacked zeros only, 0.5 byte per group and column (under 1 % of a g = 128
+layer). ``state_dict()`` rebuilds the AutoAWQ tensors from them, so checkpoints stay AutoAWQ
+"gemm" byte for byte; :meth:`WQLinear.awq_tensors` gives them in either mode. ``load_quantized``
+and ``from_linear`` on a CUDA weight prepare it; a CUDA forward of an unprepared module prepares it
+on its first call; moving a prepared module to the CPU turns it back.
 """
 from __future__ import annotations
 
@@ -21,7 +30,8 @@ from .arch import find_quantizable, weight_nk
 from .config import AWQConfig
 from .kernels.layout import PACK_FACTOR
 from .kernels.cpu import int4_cpu_supported, prepare_cpu_int4 as _prepare_cpu_int4
-from .kernels.dispatch import awq_matmul
+from .kernels.dispatch import awq_matmul, native_matmul
+from .kernels.native import NativeInt4, from_native, native_supported, to_native
 from .packing import check_format, check_packable, pack_linear
 from .quantizer import quant_params
 
@@ -40,6 +50,8 @@ class WQLinear(nn.Module):
         self.register_buffer("qzeros", torch.zeros(groups, words, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=dtype, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("native_qweight", None, persistent=False)  # set by prepare_native
+        self.register_buffer("native_zeros", None, persistent=False)
         self.cpu_weight = None  # set by prepare_cpu_int4; not saved, dropped when the buffers change
 
     @classmethod
@@ -59,26 +71,86 @@ class WQLinear(nn.Module):
         m.scales = packed.scales.to(dtype)  # fp16-rounded values, exact in fp32; bf16 rounds them again
         if bias is not None:
             m.bias = bias.detach().clone().to(dtype)
+        if m.qweight.device.type == "cuda":
+            m.prepare_native()
         return m
 
+    @property
+    def is_native(self) -> bool:
+        return self.native_qweight is not None
+
+    def native(self) -> NativeInt4:
+        """The weight in the kernel-native layout (after :meth:`prepare_native`)."""
+        if not self.is_native:
+            raise RuntimeError("WQLinear.native(): call prepare_native() first")
+        return NativeInt4(self.native_qweight, self.native_zeros, self.scales, self.group_size)
+
+    def awq_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(qweight, qzeros, scales)`` in the AutoAWQ "gemm" layout, whichever layout the module holds."""
+        if self.is_native:
+            return from_native(self.native())
+        return self.qweight, self.qzeros, self.scales
+
+    @torch.no_grad()
+    def prepare_native(self) -> bool:
+        """Repack ``qweight``/``qzeros`` into the kernel-native layout, once, on their device, and
+        drop the AutoAWQ-layout copies (see the module docstring). Returns False (and changes
+        nothing) for group sizes that are not a multiple of 8."""
+        if self.is_native:
+            return True
+        if not native_supported(self.in_features, self.group_size):
+            return False
+        w = to_native(self.qweight, self.qzeros, self.scales, self.group_size)
+        self.native_qweight, self.native_zeros = w.qweight, w.zeros
+        self.qweight = self.qzeros = None
+        self.cpu_weight = None
+        return True
+
+    def _drop_native(self) -> None:
+        """Back to the AutoAWQ-layout buffers (the state of a freshly built module)."""
+        if self.is_native:
+            self.qweight, self.qzeros, _ = from_native(self.native())
+            self.native_qweight = self.native_zeros = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cuda" and not self.is_native:
+            self.prepare_native()
+        if self.is_native:
+            return native_matmul(x, self.native(), self.bias)
         cpu_weight = self.cpu_weight if x.device.type == "cpu" else None
         return awq_matmul(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias, cpu_weight=cpu_weight)
 
     def prepare_cpu_int4(self, dtype: torch.dtype = torch.bfloat16) -> bool:
         """Convert the weight once for torch's int4 CPU kernel (``dtype`` bf16: fast, within bf16
         rounding; fp32: exact). Returns False (and changes nothing) where that kernel does not apply."""
-        if self.qweight.device.type != "cpu" or not int4_cpu_supported(self.out_features, self.group_size):
+        if self.scales.device.type != "cpu" or not int4_cpu_supported(self.out_features, self.group_size):
             return False
+        self._drop_native()
         self.cpu_weight = _prepare_cpu_int4(self.qweight, self.qzeros, self.scales, self.group_size, dtype)
         return True
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .half() / .cuda(): the converted weight is stale
         self.cpu_weight = None
-        return super()._apply(fn, *args, **kwargs)
+        out = super()._apply(fn, *args, **kwargs)
+        if self.is_native and self.native_qweight.device.type == "cpu":
+            self._drop_native()  # the CPU paths read the AutoAWQ layout
+        return out
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.is_native:  # rebuild the checkpoint tensors, in the usual key order
+            qweight, qzeros, _ = from_native(self.native())
+            destination[prefix + "qweight"] = qweight
+            destination[prefix + "qzeros"] = qzeros
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self.cpu_weight = None
+        if self.is_native:  # load into AutoAWQ-layout buffers; a CUDA forward repacks again
+            device = self.native_qweight.device
+            words = self.out_features // PACK_FACTOR
+            self.qweight = torch.empty(self.in_features, words, dtype=torch.int32, device=device)
+            self.qzeros = torch.empty(self.in_features // self.group_size, words, dtype=torch.int32, device=device)
+            self.native_qweight = self.native_zeros = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -112,6 +184,11 @@ def select_modules(model: nn.Module, config: AWQConfig) -> tuple[dict[str, nn.Mo
         check_packable(n, k, config.w_bit, config.group_size, config.zero_point, name=name)
         convert[name] = m
     return convert, kept
+
+
+def prepare_native(model: nn.Module) -> int:
+    """:meth:`WQLinear.prepare_native` on every WQLinear of ``model``; returns how many are native."""
+    return sum(m.prepare_native() for m in model.modules() if isinstance(m, WQLinear))
 
 
 def prepare_cpu_int4(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:

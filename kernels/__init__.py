@@ -7,19 +7,23 @@ is imported only by the Triton kernel modules (``dequant``, ``gemm``, ``gemv``, 
 
 Stable API::
 
-    awq_matmul(x, qweight, qzeros, scales, group_size, bias=None, *, cpu_weight=None)  # dispatch
+    awq_matmul(x, qweight, qzeros, scales, group_size, bias=None, *, cpu_weight=None, native=None)  # dispatch
+    native_matmul(x, native, bias=None)                                # dispatch, native weight (CUDA)
     choose_kernel(m, device, has_cpu_weight=False) -> str
-    awq_dequantize(qweight, qzeros, scales, group_size) -> W^T [K, N]   # Triton
-    awq_gemm(x, qweight, qzeros, scales, group_size, bias=None)        # Triton, any M
-    awq_gemv(x, qweight, qzeros, scales, group_size, bias=None)        # Triton, M <= 8
-    dequantize_ref(...), gemm_ref(...)                                 # torch references
+    to_native(qweight, qzeros, scales, group_size) -> NativeInt4       # the kernel layout, once at load
+    from_native(native) -> (qweight, qzeros, scales)                   # back, bit for bit
+    awq_dequantize(native) -> W^T [K, N]                               # Triton
+    awq_gemm(x, native, bias=None)                                     # Triton, tensor cores, M 2..64
+    awq_gemv(x, native, bias=None)                                     # Triton, M <= 8
+    dequantize_ref(...), gemm_ref(...)                                 # torch references (AutoAWQ tensors)
     prepare_cpu_int4(...) -> CpuInt4Weight, matmul_int4_cpu(x, w, bias=None)
     AWQ_ORDER, AWQ_REVERSE_ORDER, pack_awq(values), unpack_awq(packed)
 """
 import importlib
 
 _EXPORTS = {
-    "awq_matmul": "dispatch", "choose_kernel": "dispatch",
+    "awq_matmul": "dispatch", "choose_kernel": "dispatch", "native_matmul": "dispatch",
+    "NativeInt4": "native", "to_native": "native", "from_native": "native", "native_supported": "native",
     "awq_dequantize": "dequant", "awq_gemm": "gemm", "awq_gemv": "gemv",
     "dequantize_ref": "reference", "gemm_ref": "reference",
     "CpuInt4Weight": "cpu", "prepare_cpu_int4": "cpu", "matmul_int4_cpu": "cpu", "int4_cpu_supported": "cpu",

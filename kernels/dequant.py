@@ -1,92 +1,84 @@
-"""Triton kernel: dequantize an AWQ "gemm" weight to a dense ``W^T [K, N]``.
+"""Triton kernel: dequantize a native INT4 weight to a dense ``W^T [K, N]``.
 
 Reference: :func:`awq_nb.kernels.reference.dequantize_ref` (the result matches it exactly).
 
 Used for large batches (prefill): dequantize once, then let cuBLAS run the matmul. The kernel is
 bound by memory traffic: it reads ~0.5 byte and writes 2 bytes per weight.
 
-Grid and pointers
------------------
-Program ``(pid_k, pid_n)`` owns the output tile ``rows pid_k*BLOCK_K + [0, BLOCK_K)`` x
-``columns pid_n*BLOCK_N + [0, BLOCK_N)``::
-
-    for each tile (in parallel):
-        W^T[tile] = load_weight_tile(...)      # unpack nibbles, (q - z) * s  (kernels/common.py)
-        store W^T[tile] at out_ptr + offs_k[:, None] * stride_ok + offs_n[None, :]
-
-Rows past K and columns past N are masked, so any K (multiple of the group size) and any N
-(multiple of 8) work with any block size.
+Program ``(pid_k, pid_n)`` reads the words of ``BLOCK_K / 8`` rows x ``BLOCK_N`` columns, turns
+each into eight weights ``(q - z) * s`` (kernels/nibbles.py: exact fp16 with one rounding, or
+fp32 rounded once to bf16) and stores weight j of word row r to output row ``8r + j``.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import (UNPACK_GATHER, UNPACK_INTERLEAVE, UNPACK_SPLIT, autotuner, check_launchable, is_interpreting,
-                     load_weight_tile)
-from .validate import check_awq_weight
+from awq_nb.errors import AwqNbError
+
+from .common import check_launchable, is_interpreting
+from .native import NativeInt4, check_native
+from .nibbles import codes_minus_zero, dequant_f16, load_scale_f32, load_scale_pair, load_zero
+
+BLOCK_K, BLOCK_N, NUM_WARPS = 64, 128, 4
 
 
-@functools.cache
-def configs(interpret: bool) -> tuple[triton.Config, ...]:
-    """Autotune candidates; one big tile under the interpreter (its speed is per program)."""
-    if interpret:
-        return (triton.Config({"BLOCK_K": 64, "BLOCK_N": 128, "UNPACK": UNPACK_INTERLEAVE}, num_warps=4, num_stages=1),)
-    return tuple(
-        triton.Config({"BLOCK_K": bk, "BLOCK_N": bn, "UNPACK": unpack}, num_warps=w, num_stages=1)
-        for bk, bn, w in ((32, 128, 4), (64, 128, 4), (32, 256, 4), (64, 256, 8), (128, 128, 8))
-        for unpack in (UNPACK_INTERLEAVE, UNPACK_GATHER, UNPACK_SPLIT)
-    )
+@triton.jit
+def _store_row(out_rows, j: tl.constexpr, w, mask):
+    tl.store(out_rows + j, w, mask=mask)
 
 
 @triton.jit
 def _dequantize_kernel(
-    # tensors: qweight int32 [K, N/8], qzeros int32 [K/g, N/8], scales [K/g, N], out [K, N]
-    qweight_ptr, qzeros_ptr, scales_ptr, out_ptr,
-    # sizes
-    K, N,
-    # row strides (the last dimension of every tensor is contiguous)
-    stride_qk, stride_zk, stride_sk, stride_ok,
-    # meta-parameters
-    GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, UNPACK: tl.constexpr,
+    # tensors: native qweight int32 [K/8, N], zeros uint8 [K/g, N], scales [K/g, N], out [K, N]
+    qweight_ptr, zeros_ptr, scales_ptr, out_ptr,
+    K, N, stride_qk, stride_zk, stride_sk, stride_ok,
+    GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, F16_ASM: tl.constexpr,
+    USE_ASM: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows = pid_k * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    w = load_weight_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
-                         pid_k * BLOCK_K, pid_n * BLOCK_N, K, N, GROUP_SIZE, BLOCK_K, BLOCK_N, UNPACK)
-    mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
-    tl.store(out_ptr + offs_k[:, None] * stride_ok + offs_n[None, :], w, mask=mask)
+    mask = (rows < K // 8)[:, None] & (offs_n < N)[None, :]
+    r_safe = tl.where(rows < K // 8, rows, 0)[:, None]
+    n_safe = tl.where(offs_n < N, offs_n, 0)[None, :]
+    words = tl.load(qweight_ptr + r_safe * stride_qk + n_safe)
+    group = (r_safe * 8) // GROUP_SIZE
+    zlo, zhi = load_zero(zeros_ptr + group * stride_zk + n_safe, USE_ASM)
+    if F16_ASM:
+        s = load_scale_pair(scales_ptr + group * stride_sk + n_safe, USE_ASM)
+        w0, w1, w2, w3, w4, w5, w6, w7 = dequant_f16(words, zlo, zhi, s, s, USE_ASM)
+    else:
+        s = load_scale_f32(scales_ptr + group * stride_sk + n_safe, out_ptr.dtype.element_ty == tl.bfloat16, USE_ASM)
+        w0, w1, w2, w3, w4, w5, w6, w7 = codes_minus_zero(words, zlo, zhi, USE_ASM)
+        w0, w1, w2, w3 = w0 * s, w1 * s, w2 * s, w3 * s
+        w4, w5, w6, w7 = w4 * s, w5 * s, w6 * s, w7 * s
+    out_rows = out_ptr + (r_safe * 8) * stride_ok + n_safe
+    dtype = out_ptr.dtype.element_ty
+    _store_row(out_rows, 0 * stride_ok, w0.to(dtype), mask)
+    _store_row(out_rows, 1 * stride_ok, w1.to(dtype), mask)
+    _store_row(out_rows, 2 * stride_ok, w2.to(dtype), mask)
+    _store_row(out_rows, 3 * stride_ok, w3.to(dtype), mask)
+    _store_row(out_rows, 4 * stride_ok, w4.to(dtype), mask)
+    _store_row(out_rows, 5 * stride_ok, w5.to(dtype), mask)
+    _store_row(out_rows, 6 * stride_ok, w6.to(dtype), mask)
+    _store_row(out_rows, 7 * stride_ok, w7.to(dtype), mask)
 
 
-@functools.cache
-def _tuned(candidates: tuple[triton.Config, ...]):
-    return autotuner(_dequantize_kernel, candidates, key=["K", "N", "GROUP_SIZE"])
-
-
-def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Dequantize with Triton. Same contract as :func:`~awq_nb.kernels.reference.dequantize_ref`.
-
-    Args:
-        qweight: int32 ``[K, N/8]``; qzeros: int32 ``[K/g, N/8]``; scales: fp16/bf16/fp32 ``[K/g, N]``.
-        group_size: ``g``.
-
-    Returns:
-        ``W^T [K, N]`` in ``scales.dtype``.
-    """
-    k, n = check_awq_weight(qweight, qzeros, scales, group_size)
-    check_launchable(qweight, "awq_dequantize")
-    qweight, qzeros, scales = (t.contiguous() for t in (qweight, qzeros, scales))
-    out = torch.empty((k, n), dtype=scales.dtype, device=qweight.device)
-    grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-    _tuned(configs(is_interpreting()))[grid](
-        qweight, qzeros, scales, out,
-        k, n,
-        qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
-        GROUP_SIZE=group_size,
-    )
+def awq_dequantize(w: NativeInt4) -> torch.Tensor:
+    """``W^T [K, N]`` in ``scales.dtype`` (fp16 or bf16) from a native weight, with Triton; equal to
+    :func:`~awq_nb.kernels.reference.dequantize_ref` of the checkpoint tensors."""
+    k, n = check_native(w)
+    if w.scales.dtype not in (torch.float16, torch.bfloat16):
+        raise AwqNbError(f"awq_dequantize takes float16/bfloat16 scales, got {w.scales.dtype}; "
+                         "use awq_nb.kernels.dequantize_ref for float32.")
+    check_launchable(w.qweight, "awq_dequantize")
+    out = torch.empty((k, n), dtype=w.scales.dtype, device=w.device)
+    grid = (triton.cdiv(k, BLOCK_K), triton.cdiv(n, BLOCK_N))
+    _dequantize_kernel[grid](w.qweight, w.zeros, w.scales, out, k, n, w.qweight.stride(0), w.zeros.stride(0),
+                             w.scales.stride(0), out.stride(0), GROUP_SIZE=w.group_size, BLOCK_K=BLOCK_K,
+                             BLOCK_N=BLOCK_N, F16_ASM=w.scales.dtype == torch.float16,
+                             USE_ASM=not is_interpreting(), num_warps=NUM_WARPS, num_stages=1)
     return out

@@ -1,15 +1,18 @@
 """``awq_matmul``: one entry point that picks the INT4 matmul strategy from the batch size.
 
-CUDA (thresholds from the H200 run of 2026-11-28, docs/gpu-runs/2026-11-28-h200.md: at M = 2..8
-the tl.dot GEMM beat the GEMV on 8 of 8 shapes, at M = 16..64 on 7 of 8, and from M = 128 on
-dequantize + cuBLAS won 7-8 of 8; re-measure with ``bench/gpu_check.sh`` after kernel changes)::
+CUDA: the Triton kernels read the kernel-native layout (kernels/native.py), which a
+``WQLinear`` makes once when it lands on the GPU and passes as ``native=``; without it each call
+repacks the weight first (correct, but slow)::
 
-    M <= GEMV_MAX_M            -> kernels/gemv.py   (broadcast + tl.sum, weight-bandwidth bound)
-    M <= GEMM_MAX_M            -> kernels/gemm.py   (tl.dot, dequantized in registers, split-K)
+    M <= GEMV_MAX_M            -> kernels/gemv.py   (no tensor cores, weight-bandwidth bound)
+    M <= GEMM_MAX_M            -> kernels/gemm.py   (tl.dot on fp16 dequantized in registers, split-K)
     M >  GEMM_MAX_M            -> kernels/dequant.py + torch.matmul (cuBLAS is compute bound there)
 
-On GPUs below compute capability 8.0 (T4), Triton >= 3.3 has no tensor-core ``tl.dot``, so the
-fused GEMM is skipped: GEMV up to GEMV_MAX_M, dequantize + cuBLAS above.
+The thresholds follow the H200 run of 2026-11-28 (docs/gpu-runs/2026-11-28-h200.md: the tl.dot
+GEMM won M = 2..64, dequantize + cuBLAS from M = 128) and await a run of the native kernels
+(``bench/gpu_quick.py``). On GPUs below compute capability 8.0 (T4), Triton >= 3.3 has no
+tensor-core ``tl.dot``, so the GEMV serves up to its 8 rows and dequantize + cuBLAS the rest.
+Group sizes that are not a multiple of 8 have no native layout: they dequantize in torch.
 
 CPU (measured here, see docs/kernels.md)::
 
@@ -25,10 +28,12 @@ import torch
 from awq_nb.errors import AwqNbError
 
 from .cpu import CpuInt4Weight, matmul_dequant_cpu, matmul_int4_cpu
+from .native import NativeInt4, check_native, native_supported, to_native
 from .validate import check_activation, check_awq_weight
 
-GEMV_MAX_M = 1            # largest batch sent to the GEMV kernel (measured, H200 2026-11-28)
-GEMM_MAX_M = 64           # largest batch sent to the fused tl.dot GEMM (measured, H200 2026-11-28)
+GEMV_MAX_M = 1            # largest batch sent to the GEMV kernel on sm80+ (H200 2026-11-28)
+GEMV_MAX_M_NO_MMA = 8     # below sm80 the GEMV (its row limit) is the only fused kernel
+GEMM_MAX_M = 64           # largest batch sent to the fused tl.dot GEMM (H200 2026-11-28)
 MIN_MMA_CAPABILITY = (8, 0)  # Triton >= 3.3 emits tensor-core tl.dot only from sm80 on
 
 GEMV, GEMM, DEQUANT_MATMUL = "gemv", "gemm", "dequant+matmul"
@@ -47,15 +52,17 @@ def choose_kernel(m: int, device: torch.device, has_cpu_weight: bool = False) ->
 
 def cuda_strategy(m: int, capability: tuple[int, int]) -> str:
     """The CUDA rule of :func:`choose_kernel` for ``m`` rows on a GPU of compute ``capability``."""
-    if m <= GEMV_MAX_M:
+    mma = tuple(capability) >= MIN_MMA_CAPABILITY
+    if m <= (GEMV_MAX_M if mma else GEMV_MAX_M_NO_MMA):
         return GEMV
-    if m <= GEMM_MAX_M and tuple(capability) >= MIN_MMA_CAPABILITY:
+    if m <= GEMM_MAX_M and mma:
         return GEMM
     return DEQUANT_MATMUL
 
 
 def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
-               bias: torch.Tensor | None = None, *, cpu_weight: CpuInt4Weight | None = None) -> torch.Tensor:
+               bias: torch.Tensor | None = None, *, cpu_weight: CpuInt4Weight | None = None,
+               native: NativeInt4 | None = None) -> torch.Tensor:
     """``x @ W^T (+ bias)`` for an AWQ "gemm" weight, with the fastest strategy for ``x``'s rows and device.
 
     Args:
@@ -65,6 +72,8 @@ def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
         bias: optional ``[N]``.
         cpu_weight: on CPU, the same weight converted once by
             :func:`awq_nb.kernels.cpu.prepare_cpu_int4` (much faster; results within bf16 rounding).
+        native: on CUDA, the same weight in the kernel-native layout
+            (:func:`awq_nb.kernels.native.to_native`, made once); without it each call repacks.
 
     Returns:
         ``[..., N]`` in ``x.dtype``.
@@ -82,22 +91,39 @@ def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
         out = matmul_int4_cpu(x2, cpu_weight, bias)
     elif kind == CPU_DEQUANT_MATMUL:
         out = matmul_dequant_cpu(x2, qweight, qzeros, scales, group_size, bias)
+    elif not native_supported(k, group_size) or scales.dtype == torch.float32:
+        out = matmul_dequant_cpu(x2, qweight, qzeros, scales, group_size, bias)  # plain torch, any device
     else:
-        out = _cuda_matmul(kind, x2, qweight, qzeros, scales, group_size, bias)
+        out = _cuda_matmul(kind, x2, native if native is not None else to_native(qweight, qzeros, scales, group_size),
+                           bias)
     return out.reshape(*lead, n)
 
 
-def _cuda_matmul(kind, x, qweight, qzeros, scales, group_size, bias):
+def native_matmul(x: torch.Tensor, w: NativeInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for a native weight on CUDA (or CPU tensors under TRITON_INTERPRET=1),
+    with the strategy :func:`choose_kernel` picks for ``x``'s rows. ``x`` is ``[..., K]``."""
+    k, n = check_native(w)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    check_activation(x2, k, w.device, bias, n)
+    if x2.device.type == "cpu":
+        kind = cuda_strategy(x2.shape[0], (9, 0))  # the interpreter runs the sm90 rule
+    else:
+        kind = choose_kernel(x2.shape[0], x2.device)
+    return _cuda_matmul(kind, x2, w, bias).reshape(*lead, n)
+
+
+def _cuda_matmul(kind, x, w: NativeInt4, bias):
     """Run a Triton strategy; fp32 activations are computed in the scales' dtype."""
-    compute = x if x.dtype in (torch.float16, torch.bfloat16) else x.to(scales.dtype)
+    compute = x if x.dtype in (torch.float16, torch.bfloat16) else x.to(w.scales.dtype)
     if kind == GEMV:
         from .gemv import awq_gemv
-        out = awq_gemv(compute, qweight, qzeros, scales, group_size, bias)
+        out = awq_gemv(compute, w, bias)
     elif kind == GEMM:
         from .gemm import awq_gemm
-        out = awq_gemm(compute, qweight, qzeros, scales, group_size, bias)
+        out = awq_gemm(compute, w, bias)
     else:
         from .dequant import awq_dequantize
-        w = awq_dequantize(qweight, qzeros, scales, group_size).to(compute.dtype)
-        out = compute @ w if bias is None else torch.addmm(bias.to(compute.dtype), compute, w)
+        wt = awq_dequantize(w).to(compute.dtype)
+        out = compute @ wt if bias is None else torch.addmm(bias.to(compute.dtype), compute, wt)
     return out.to(x.dtype)

@@ -1,169 +1,173 @@
-"""Triton kernel: GEMV / small-M ``x @ W^T (+ bias)`` for decoding (M <= MAX_ROWS = 8 rows).
+"""Triton kernel: GEMV / small-M ``x @ W^T (+ bias)`` on the native layout, for decoding (M <= 8).
 
 Reference: :func:`awq_nb.kernels.reference.gemm_ref`.
 
-At batch 1..8 a Linear layer is bound by reading its weight: ~4.14 bits per weight here instead
-of 16, so the best possible speed-up over fp16 is ~3.9x. There is nothing for tensor cores to do,
-so this kernel uses no ``tl.dot``: products are formed by broadcasting and reduced with
-``tl.sum``. That also keeps it fast on GPUs where Triton has no MMA path (T4 / sm75 with
-triton >= 3.3, whose ``tl.dot`` falls back to FMA).
+At batch 1 a Linear is bound by reading its weight: ~4.14 bits per weight instead of 16, so the
+best possible speed-up over fp16 is ~3.9x. But an H200 moves ~4.3 TB/s, i.e. each of its 132 SMs
+must consume ~33 weights per clock while issuing at most 128 thread-instructions per clock: the
+whole inner loop may spend ~3.9 instructions per weight. This kernel is written to that budget
+(``python bench/kernels.py --compile-report 90`` counts it; docs/kernels.md has the figures):
+
+* each thread loads 4 neighbouring words of the native layout with one 128-bit load: 4 columns x
+  8 consecutive k = 32 weights;
+* two weights become two exact fp16 numbers ``q - z`` with one ``lop3`` and one f16x2 op
+  (kernels/nibbles.py), then fp32 with one convert each; one FMA per weight with x;
+* x is read eight values per 128-bit load and converted once per k, not once per weight; the
+  rows of a warp share it (it sits in uniform registers);
+* the scale is applied once per word (``acc += s * sum_j x_j (q_j - z)``), the zero costs nothing
+  per weight (it is subtracted inside the f16x2 op);
+* accumulators stay unreduced ``[R, BLOCK_N]`` inside the K loop; one cross-warp reduction after it;
+* no tensor cores, no shared memory in the loop, so the same code suits a T4 (sm75).
 
 Algorithm
 ---------
-Program ``(pid_n, pid_k)`` owns columns ``pid_n*BLOCK_N + [0, BLOCK_N)`` of every row of x (all M
-rows fit in one BLOCK_M, a power of two >= M) and every ``SPLIT_K``-th BLOCK_K slice of K::
+Program ``(pid_n, pid_k)`` owns columns ``pid_n*BLOCK_N + [0, BLOCK_N)`` of every row of x and
+the K steps ``pid_k, pid_k + SPLIT_K, ...`` of BLOCK_K = 8R rows each (a step lies in one group)::
 
-    acc = zeros([BLOCK_M, BLOCK_N], fp32)
-    for k_start in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
-        a = x[:, k_start : k_start + BLOCK_K]                            # [BLOCK_M, BLOCK_K]
-        w = dequantize(...)[k_start : k_start + BLOCK_K, n_tile]        # [BLOCK_K, BLOCK_N]
-        acc += sum(a[:, :, None] * w[None, :, :], axis=1)                # [BLOCK_M, BLOCK_N]
-    out[:, n_tile] = acc (+ bias), by the last of the SPLIT_K programs  # see kernels/common.py
+    acc[m, r, n] = 0                                     # [BLOCK_M, R, BLOCK_N] fp32
+    for each K step k0:
+        w = qweight[k0/8 : k0/8 + R, n_tile]             # [R, BLOCK_N] int32 words (128-bit loads)
+        z, s = zeros[k0 / g, n_tile], scales[k0 / g, n_tile]
+        for j in 0..7:  d_j = q[k0 + 8r + j, n] - z      # exact, kernels/nibbles.py
+        acc[m] += s * sum_j x[m, k0 + 8r + j] * d_j      # x: eight values per 128-bit load
+    out[m, n_tile] = sum_r acc[m, r, :] (+ bias)         # split-K protocol, kernels/common.py
 
-The broadcast product has BLOCK_M * BLOCK_K * BLOCK_N elements in registers, so configs whose
-product is too big for their warps are pruned before autotuning. Split-K matters most here: a
-4096-wide layer has only 32 tiles of 128 columns, far fewer than the SMs of an H100 (132).
-
-Without FACTOR_GROUP the weight is dequantized to the scales' dtype exactly like the reference,
-then multiplied in fp32, so the only difference from ``gemm_ref`` is the order of the fp32
-additions. With FACTOR_GROUP (an autotune choice, when a tile lies in one group) the kernel
-computes ``s * (sum x q - z * sum x)`` in fp32: the weight is never rounded to the scales' dtype,
-and the two sums partly cancel, so results differ from the reference by fp32 rounding of sums of
-up to ``15 * sum |x|`` (far inside the tests' fp16/bf16 bound).
-
-With UNPACK_WORDS (an autotune choice) the tiles stay in the packed words' shape: codes, zeros and
-scales are ``[.., BLOCK_N/8, 8]``, the product ``[BLOCK_M, BLOCK_K, BLOCK_N/8, 8]``, and the
-accumulator is flattened to ``[BLOCK_M, BLOCK_N]`` once, after the K loop, so no register shuffle
-happens per weight tile. The other UNPACK ways are described in kernels/common.py.
+Launch configuration (:func:`launch_config`, no autotuning): BLOCK_N = 128 columns, R = 16 word
+rows (BLOCK_K = 128) for M = 1 and fewer rows for more x rows (the accumulator grows with M),
+4 warps, and a split of K that gives at least 4 programs per SM (4096x4096 on 132 SMs: 32 column
+tiles x 32 = 1024 programs). A step that would straddle a group boundary (g < BLOCK_K) is avoided
+by taking BLOCK_K = g.
 """
 from __future__ import annotations
 
-import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import (UNPACK_GATHER, UNPACK_INTERLEAVE, UNPACK_SPLIT, UNPACK_WORDS, autotuner, is_interpreting,
-                     launch_matmul, load_codes_tile, load_weight_tile, write_tile)
+from awq_nb.errors import AwqNbError
 
-MAX_ROWS = 8  # most rows of x one BLOCK_M holds; larger batches belong to the tl.dot GEMM
-PRODUCT_ELEMENTS_PER_THREAD = 64  # register budget for the [BLOCK_M, BLOCK_K, BLOCK_N] product
+from .common import aligned_activation, check_launchable, is_interpreting, launch_buffers, sm_count, split_for, write_tile
+from .native import NativeInt4, check_native
+from .nibbles import codes_minus_zero, load_scale_f32, load_x8, load_zero
+from .validate import check_activation
 
-
-@functools.cache
-def configs(interpret: bool) -> tuple[triton.Config, ...]:
-    """Autotune candidates (pruned by :func:`_prune` for the batch's BLOCK_M). One under the interpreter."""
-    if interpret:
-        return (triton.Config({"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1, "FACTOR_GROUP": True, "UNPACK": UNPACK_SPLIT},
-                              num_warps=4, num_stages=1),)
-    return tuple(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "FACTOR_GROUP": factor, "UNPACK": unpack},
-                               num_warps=w, num_stages=st)
-                 for bn, bk, sk, w, st in GPU_CANDIDATES for factor in (True, False)
-                 for unpack in (UNPACK_INTERLEAVE, UNPACK_GATHER, UNPACK_SPLIT, UNPACK_WORDS))
+MAX_ROWS = 8  # most rows of x in one launch; larger batches belong to the tensor-core GEMM
+BLOCK_N = 128
+NUM_WARPS = 4
+ROWS_BY_M = {1: 16, 2: 8, 4: 4, 8: 4}  # word rows per step (BLOCK_K / 8) for each BLOCK_M
 
 
-# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), each tried with and without FACTOR_GROUP (the
-# per-group factoring of zero and scale; it applies when the group size is a multiple of BLOCK_K)
-# and with each way of unpacking the packed words (UNPACK, kernels/common.py: load_codes).
-# Big tiles serve M = 1..2, small ones survive _prune for M = 4..8; SPLIT_K 4..16 gives a
-# 4096-wide layer 128..512 programs.
-GPU_CANDIDATES = (
-    (64, 128, 8, 4, 2), (128, 64, 8, 4, 2), (128, 128, 4, 8, 3), (64, 256, 4, 8, 3), (32, 256, 16, 4, 2),
-    (64, 64, 8, 4, 2), (32, 128, 16, 4, 2), (32, 64, 16, 4, 2), (64, 32, 8, 4, 2), (32, 32, 16, 4, 2),
-    (64, 32, 8, 8, 2),
-)
+@dataclass(frozen=True)
+class GemvConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int = NUM_WARPS
+
+    def grid(self, n: int) -> tuple[int, int]:
+        return triton.cdiv(n, self.block_n), self.split_k
+
+    def ctas(self, n: int) -> int:
+        tiles, split = self.grid(n)
+        return tiles * split
 
 
-def _prune(candidates, named_args, **kwargs):
-    """Keep configs whose broadcast product fills between half and all of the register budget
-    (smaller tiles waste the warps, larger ones spill); the smallest tile if none qualifies."""
-    block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))
-
-    def load(c):  # product elements per thread, in units of the budget
-        return block_m * c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] / (PRODUCT_ELEMENTS_PER_THREAD * 32 * c.num_warps)
-
-    fits = [c for c in candidates if 0.5 <= load(c) <= 1.0]
-    return fits or [min(candidates, key=load)]
-
-
-@triton.jit
-def _row_dot(a, w, UNPACK: tl.constexpr):
-    """``sum_k a[m, k] * w[k, ...]`` by broadcasting: ``a [BLOCK_M, BLOCK_K]``, ``w [BLOCK_K, BLOCK_N]``
-    (or ``[BLOCK_K, BLOCK_N/8, 8]`` for UNPACK_WORDS) -> ``[BLOCK_M, ...]``."""
-    if UNPACK == 3:
-        return tl.sum(a[:, :, None, None] * w[None, :, :, :], axis=1)
-    else:
-        return tl.sum(a[:, :, None] * w[None, :, :], axis=1)
-
-
-@triton.jit
-def _per_row(v, UNPACK: tl.constexpr):
-    """``v [BLOCK_M]`` made broadcastable against :func:`_row_dot`'s result."""
-    if UNPACK == 3:
-        return v[:, None, None]
-    else:
-        return v[:, None]
+def launch_config(m: int, n: int, k: int, group_size: int, sms: int) -> GemvConfig:
+    """The configuration :func:`awq_gemv` launches for ``x [m, k] @ W^T [k, n]`` on ``sms`` SMs."""
+    block_m = max(1, triton.next_power_of_2(m))
+    block_k = min(8 * ROWS_BY_M[block_m], group_size)
+    while group_size % block_k:  # g a multiple of 8 but not of a power of two >= 8: one word row per step
+        block_k //= 2
+    block_k = max(block_k, 8)
+    tiles = triton.cdiv(n, BLOCK_N)
+    return GemvConfig(block_m, BLOCK_N, block_k, split_for(tiles, triton.cdiv(k, block_k), sms))
 
 
 @triton.jit
 def _gemv_kernel(
-    # tensors: x [M, K], qweight int32 [K, N/8], qzeros int32 [K/g, N/8], scales [K/g, N],
-    # bias [N] (ignored unless HAS_BIAS), out [M, N] in x.dtype; split-K scratch (kernels/common.py):
-    # ws_ptr [M, N] fp32 workspace and tickets_ptr int32 per-tile counters, both zero between launches
-    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr,
+    # tensors: x [M, K], native qweight int32 [K/8, N], zeros uint8 [K/g, N], scales [K/g, N],
+    # bias [N] (ignored unless HAS_BIAS), out [M, N] in x.dtype; split-K scratch (kernels/common.py)
+    x_ptr, qweight_ptr, zeros_ptr, scales_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr,
     # sizes
     M, N, K,
-    # strides (weights, scales and out have contiguous last dimensions)
-    stride_xm, stride_xk, stride_qk, stride_zk, stride_sk, stride_om,
+    # row strides (every last dimension is contiguous)
+    stride_xm, stride_qk, stride_zk, stride_sk, stride_om,
     # meta-parameters
-    GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, FACTOR_GROUP: tl.constexpr,
-    UNPACK: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr,
+    X_BF16: tl.constexpr, S_BF16: tl.constexpr, USE_ASM: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    R: tl.constexpr = BLOCK_K // 8
     offs_m = tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
-
-    if UNPACK == 3:  # UNPACK_WORDS: tiles are [.., BLOCK_N/8, 8], flattened once after the loop
-        acc = tl.zeros((BLOCK_M, BLOCK_N // 8, 8), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k_start in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
-        offs_k = k_start + tl.arange(0, BLOCK_K)
-        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
-        if FACTOR_GROUP and GROUP_SIZE % BLOCK_K == 0:
-            # The tile lies in one group, so sum_k x_k (q_kn - z_n) s_n = s_n (sum_k x_k q_kn - z_n sum_k x_k):
-            # per weight only unpack, convert and multiply-add; zero and scale once per column.
-            q, z, s = load_codes_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
-                                      k_start, pid_n * BLOCK_N, K, N, GROUP_SIZE, BLOCK_K, BLOCK_N, UNPACK)
-            xz = _per_row(tl.sum(a, axis=1), UNPACK) * z.to(tl.float32)  # [BLOCK_M, <columns>]
-            acc += (_row_dot(a, q.to(tl.float32), UNPACK) - xz) * s.to(tl.float32)
-        else:
-            w = load_weight_tile(qweight_ptr, qzeros_ptr, scales_ptr, stride_qk, stride_zk, stride_sk,
-                                 k_start, pid_n * BLOCK_N, K, N, GROUP_SIZE, BLOCK_K, BLOCK_N, UNPACK)
-            acc += _row_dot(a, w.to(tl.float32), UNPACK)
-    if UNPACK == 3:
-        acc = tl.reshape(acc, (BLOCK_M, BLOCK_N))
-
-    write_tile(acc, out_ptr, ws_ptr, tickets_ptr, bias_ptr, offs_m, offs_n, m_ok, N, stride_om, pid_n, HAS_BIAS, SPLIT_K)
-
-
-@functools.cache
-def _tuned(candidates: tuple[triton.Config, ...]):
-    return autotuner(_gemv_kernel, candidates, key=["BLOCK_M", "N", "K", "GROUP_SIZE"], prune=_prune)
+    n_ok = offs_n < N
+    # Masked rows and columns read row 0 / column 0 (the asm loads cannot be masked); their
+    # results are never stored, and rows of x past M are zero-weighted by m_ok below.
+    m_safe = tl.where(m_ok, offs_m, 0)[:, None, None]          # [BLOCK_M, 1, 1]
+    if EVEN_N:
+        n_safe = offs_n[None, None, :]                          # [1, 1, BLOCK_N]
+    else:  # N is a multiple of 8, so runs of 4 columns are all in or all out: keep 128-bit loads
+        n_safe = tl.max_contiguous(tl.multiple_of(tl.where(n_ok, offs_n, 0), 4), 4)[None, None, :]
+    acc = tl.zeros((BLOCK_M, R, BLOCK_N), dtype=tl.float32)
+    for k_start in tl.range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K, loop_unroll_factor=1):
+        rows = k_start // 8 + offs_r                           # word rows of this step
+        r_safe = rows[None, :, None]                            # [1, R, 1]; BLOCK_K divides g, g divides K
+        words = tl.load(qweight_ptr + r_safe * stride_qk + n_safe)           # [1, R, BLOCK_N]
+        group = k_start // GROUP_SIZE
+        zlo, zhi = load_zero(zeros_ptr + group * stride_zk + n_safe, USE_ASM)   # [1, 1, BLOCK_N]
+        s = load_scale_f32(scales_ptr + group * stride_sk + n_safe, S_BF16, USE_ASM)
+        x0, x1, x2, x3, x4, x5, x6, x7 = load_x8(x_ptr + m_safe * stride_xm + r_safe * 8 + 0 * n_safe, X_BF16, USE_ASM)
+        d0, d1, d2, d3, d4, d5, d6, d7 = codes_minus_zero(words, tl.broadcast_to(zlo, words.shape),
+                                                          tl.broadcast_to(zhi, words.shape), USE_ASM)
+        t = x0 * d0 + x1 * d1 + x2 * d2 + x3 * d3 + x4 * d4 + x5 * d5 + x6 * d6 + x7 * d7   # [BLOCK_M, R, BLOCK_N]
+        acc += t * s
+    total = tl.sum(acc, axis=1)                                # [BLOCK_M, BLOCK_N]
+    total = tl.where(m_ok[:, None], total, 0.0)
+    write_tile(total, out_ptr, ws_ptr, tickets_ptr, bias_ptr, offs_m, offs_n, m_ok, N, stride_om, pid_n,
+               HAS_BIAS, SPLIT_K)
 
 
-def awq_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
-             bias: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`~awq_nb.kernels.gemm.awq_gemm` (same arguments and result) for ``1 <= M <= MAX_ROWS`` (8)."""
-    block_m = triton.next_power_of_2(x.shape[0]) if x.dim() == 2 else 1
-    return launch_matmul("awq_gemv", _tuned(configs(is_interpreting())), _grid, x, qweight, qzeros, scales, group_size,
-                         bias, max_rows=MAX_ROWS, BLOCK_M=max(block_m, 1))
+def kernel_args(x: torch.Tensor, w: NativeInt4, bias, out, workspace, tickets, config: GemvConfig, use_asm: bool):
+    """Positional and keyword arguments of :func:`_gemv_kernel` (shared with the compile report)."""
+    m, k = x.shape
+    args = (x, w.qweight, w.zeros, w.scales, bias if bias is not None else out, out, workspace, tickets,
+            m, w.out_features, k, x.stride(0), w.qweight.stride(0), w.zeros.stride(0), w.scales.stride(0),
+            out.stride(0))
+    meta = dict(GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                BLOCK_K=config.block_k, SPLIT_K=config.split_k,
+                EVEN_N=w.out_features % config.block_n == 0, X_BF16=x.dtype == torch.bfloat16,
+                S_BF16=w.scales.dtype == torch.bfloat16, USE_ASM=use_asm, num_warps=config.num_warps, num_stages=1)
+    return args, meta
 
 
-def _grid(meta, m, n):
-    return triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
+def awq_gemv(x: torch.Tensor, w: NativeInt4, bias: torch.Tensor | None = None,
+             config: GemvConfig | None = None) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for ``1 <= M <= 8`` rows of fp16/bf16 ``x [M, K]`` and a native weight
+    (:func:`awq_nb.kernels.native.to_native`). Returns ``[M, N]`` in ``x.dtype`` (fp32 accumulation).
+    ``config`` overrides :func:`launch_config` (benchmarks, tests)."""
+    k, n = check_native(w)
+    check_activation(x, k, w.device, bias, n)
+    m = x.shape[0]
+    if not 1 <= m <= MAX_ROWS:
+        raise AwqNbError(f"awq_gemv takes 1..{MAX_ROWS} rows, got x with M={m}; use awq_nb.kernels.awq_gemm "
+                         "or awq_matmul, which picks the kernel from M.")
+    if x.dtype not in (torch.float16, torch.bfloat16) or w.scales.dtype not in (torch.float16, torch.bfloat16):
+        raise AwqNbError(f"awq_gemv takes float16/bfloat16 x and scales, got {x.dtype} and {w.scales.dtype}; "
+                         "cast them (awq_matmul does this for float32).")
+    check_launchable(x, "awq_gemv")
+    x = aligned_activation(x)
+    config = config or launch_config(m, n, k, w.group_size, sm_count(x.device))
+    if w.group_size % config.block_k:
+        raise AwqNbError(f"awq_gemv: BLOCK_K={config.block_k} must divide group_size={w.group_size} (a K step "
+                         "reads one row of zeros and scales).")
+    out, workspace, tickets = launch_buffers(x, n)
+    args, meta = kernel_args(x, w, bias, out, workspace, tickets, config, use_asm=not is_interpreting())
+    _gemv_kernel[config.grid(n)](*args, **meta)
+    return out

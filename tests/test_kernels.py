@@ -177,22 +177,126 @@ def test_input_errors_name_the_fix():
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels (interpreter on CPU, compiled on a GPU). Shapes: N = 200 or 72 is not a multiple
-# of BLOCK_N; K = 160, 320, 384 are not multiples of BLOCK_K = 128 (interpreter configs); g = 32
-# and 64 make a K-block span several groups (gather branch), g = 128 takes the one-group branch.
+# the native layout and the bit trick (plain torch / numpy)
+
+
+@pytest.mark.parametrize("k, n, group_size", [(160, 200, 32), (384, 72, 64), (256, 4096, 128)])
+def test_native_layout_round_trip_and_nibble_order(k, n, group_size):
+    from awq_nb.kernels.native import from_native, to_native
+
+    g = torch.Generator().manual_seed(k)
+    qweight = torch.randint(-2**31, 2**31 - 1, (k, n // 8), dtype=torch.int32, generator=g)  # every bit pattern
+    qzeros = torch.randint(-2**31, 2**31 - 1, (k // group_size, n // 8), dtype=torch.int32, generator=g)
+    scales = torch.rand(k // group_size, n, generator=g).half()
+    w = to_native(qweight, qzeros, scales, group_size)
+    assert w.qweight.shape == (k // 8, n) and w.zeros.shape == (k // group_size, n) and w.scales is scales
+    codes = unpack_awq(qweight).reshape(k // 8, 8, n)
+    for i, offset in enumerate(AWQ_ORDER):  # nibble i of word (r, n) holds k = 8r + AWQ_ORDER[i]
+        assert torch.equal((w.qweight >> (4 * i)) & 0xF, codes[:, offset])
+    assert torch.equal(w.zeros.int(), unpack_awq(qzeros))
+    back = from_native(w)
+    assert torch.equal(back[0], qweight) and torch.equal(back[1], qzeros)
+
+
+def test_native_layout_rejects_what_it_cannot_hold():
+    from awq_nb.kernels.native import NativeInt4, check_native, to_native
+
+    qweight, qzeros, scales, _, _ = random_awq(48, 16, 12, device="cpu")
+    with pytest.raises(AwqNbError, match="multiple of 8"):
+        to_native(qweight, qzeros, scales, 12)
+    qweight, qzeros, scales, _, _ = random_awq(64, 16, 32, device="cpu")
+    w = to_native(qweight, qzeros, scales, 32)
+    with pytest.raises(AwqNbError, match="uint8"):
+        check_native(NativeInt4(w.qweight, w.zeros.int(), w.scales, 32))
+
+
+def _emulate_pair(words, mask, shift, z):
+    """What the kernels' asm does to one fp16x2 pair, in numpy: lop3 (w >> shift) & mask | 0x64006400,
+    then sub.f16x2 (1024 + z) for the low mask, fma.rn.f16x2 (x 1/16, - (64 + z)) for the x16 mask."""
+    import numpy as np
+
+    bits = ((words >> shift) & mask) | 0x64006400
+    half = bits.astype(np.uint32).view(np.float16).reshape(-1, 2)  # little endian: [low half, high half]
+    zf = np.repeat(z.astype(np.float16)[:, None], 2, axis=1)
+    if mask == 0x000F000F:
+        return (half - (np.float16(1024) + zf)).astype(np.float16)
+    return (half.astype(np.float32) * np.float32(1 / 16) - (64 + zf.astype(np.float32))).astype(np.float16)
+
+
+def test_bit_trick_gives_exact_q_minus_z_in_natural_k_order():
+    # All 256 byte values of a nibble pair (q for k and k+1, ... ), in each of the four pair
+    # positions of a word, against every zero 0..15: (q - z) must come out exact and in k order.
+    import numpy as np
+
+    from awq_nb.kernels.nibbles import K_SHIFTS, MAGIC_F16X2, SIXTEENTH_F16X2
+
+    assert MAGIC_F16X2 == 0x64006400 and np.array([SIXTEENTH_F16X2 & 0xFFFF], np.uint16).view(np.float16)[0] == 1 / 16
+    assert K_SHIFTS == tuple(4 * AWQ_REVERSE_ORDER[j] for j in range(8))
+    pair_value = np.arange(256)
+    lo, hi = pair_value & 0xF, pair_value >> 4            # the codes of k offsets 2p and 2p + 1
+    for z in range(16):
+        zs = np.full(256, z)
+        for p, (mask, shift) in enumerate(((0x000F000F, 0), (0x00F000F0, 0), (0x000F000F, 8), (0x00F000F0, 8))):
+            codes = np.zeros((256, 8), np.int64)
+            codes[:, 2 * p], codes[:, 2 * p + 1] = lo, hi
+            words = np.zeros(256, np.int64)
+            for i, offset in enumerate(AWQ_ORDER):        # pack k offsets into nibbles, AWQ order
+                words |= codes[:, offset] << (4 * i)
+            got = _emulate_pair(words.astype(np.uint32), mask, shift, zs)
+            assert np.array_equal(got[:, 0], lo - z) and np.array_equal(got[:, 1], hi - z), (p, z)
+            for j in range(8):                            # the twin's shifts read the same codes
+                assert np.array_equal((words >> K_SHIFTS[j]) & 0xF, codes[:, j])
+
+
+def test_zero_constants_are_the_fp16_bits_the_asm_uses():
+    import numpy as np
+
+    z = np.arange(16, dtype=np.uint32)
+    zlo = 0x64006400 + z * 0x00010001
+    zhi = (0xD400D400 + z * 0x00100010) & 0xFFFFFFFF
+    low = lambda v: (v & 0xFFFF).astype(np.uint16).view(np.float16)  # noqa: E731
+    high = lambda v: (v >> 16).astype(np.uint16).view(np.float16)  # noqa: E731
+    assert np.array_equal(low(zlo), 1024 + z) and np.array_equal(high(zlo), 1024 + z)
+    assert np.array_equal(low(zhi), -(64.0 + z)) and np.array_equal(high(zhi), -(64.0 + z))
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels on the native layout (interpreter on CPU: the pure-Triton twin of the asm;
+# compiled on a GPU: the asm). Shapes: N = 200 and 72 are not multiples of BLOCK_N = 128;
+# K = 160 and 320 are not multiples of the GEMM's BLOCK_K = 128; g = 32 and 64 make a GEMM
+# step span several groups, g = 128 one.
 
 SHAPES = {32: (160, 200), 64: (320, 72), 128: (384, 200)}  # group_size -> (K, N)
 DTYPES = [torch.float16, torch.bfloat16]
+
+
+def native_kernel(name, **config):
+    """``fn(x, qweight, qzeros, scales, g, bias)`` running kernel ``name`` on the repacked weight."""
+    import importlib
+
+    from awq_nb.kernels.native import to_native
+
+    module = importlib.import_module(f"awq_nb.kernels.{name}")
+
+    def fn(x, qweight, qzeros, scales, group_size, bias=None):
+        w = to_native(qweight, qzeros, scales, group_size)
+        if not config:
+            return getattr(module, f"awq_{name}")(x, w, bias)
+        base = module.launch_config(x.shape[0], w.out_features, w.in_features, group_size, 132)
+        return getattr(module, f"awq_{name}")(x, w, bias, config=type(base)(**{**base.__dict__, **config}))
+
+    return fn
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_dequantize_matches_reference(group_size, dtype):
     from awq_nb.kernels.dequant import awq_dequantize
+    from awq_nb.kernels.native import to_native
 
     k, n = SHAPES[group_size]
     qweight, qzeros, scales, _, _ = random_awq(k, n, group_size, dtype)
-    out = awq_dequantize(qweight, qzeros, scales, group_size)
+    out = awq_dequantize(to_native(qweight, qzeros, scales, group_size))
     ref = dequantize_ref(qweight, qzeros, scales, group_size)
     assert out.shape == (k, n) and out.dtype == dtype
     if dtype == torch.bfloat16 and not ON_GPU:
@@ -204,7 +308,7 @@ def test_triton_dequantize_matches_reference(group_size, dtype):
 
 
 # Every M and group size runs with these two (dtype, bias) pairs; the other two pairs run in
-# test_triton_other_dtype_bias_pairs. (Halves the compiles on a GPU and the time here.)
+# test_triton_other_dtype_bias_pairs.
 PAIRS = [(torch.float16, False), (torch.bfloat16, True)]
 OTHER_PAIRS = [(torch.float16, True), (torch.bfloat16, False)]
 
@@ -213,115 +317,64 @@ OTHER_PAIRS = [(torch.float16, True), (torch.bfloat16, False)]
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("m", [1, 3, 17, 64, 80])
 def test_triton_gemm_matches_reference(m, group_size, dtype, with_bias):
-    from awq_nb.kernels.gemm import awq_gemm
-
     k, n = SHAPES[group_size]
-    check_against_ref(awq_gemm, m, k, n, group_size, dtype, with_bias, seed=m)
+    check_against_ref(native_kernel("gemm"), m, k, n, group_size, dtype, with_bias, seed=m)
 
 
 @pytest.mark.parametrize("dtype, with_bias", PAIRS)
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("m", [1, 3, 8])
 def test_triton_gemv_matches_reference(m, group_size, dtype, with_bias):
-    from awq_nb.kernels.gemv import awq_gemv
-
     k, n = SHAPES[group_size]
-    check_against_ref(awq_gemv, m, k, n, group_size, dtype, with_bias, seed=m)
+    check_against_ref(native_kernel("gemv"), m, k, n, group_size, dtype, with_bias, seed=m)
 
 
 @pytest.mark.parametrize("dtype, with_bias", OTHER_PAIRS)
 @pytest.mark.parametrize("group_size", [32, 128])
 @pytest.mark.parametrize("kernel", ["gemm", "gemv"])
 def test_triton_other_dtype_bias_pairs(kernel, group_size, dtype, with_bias):
-    import importlib
-
-    fn = getattr(importlib.import_module(f"awq_nb.kernels.{kernel}"), f"awq_{kernel}")
     k, n = SHAPES[group_size]
-    check_against_ref(fn, 3, k, n, group_size, dtype, with_bias, seed=7)
+    check_against_ref(native_kernel(kernel), 3, k, n, group_size, dtype, with_bias, seed=7)
 
 
-def _n_gpu_configs(module_name):
-    import importlib
-
-    return len(importlib.import_module(f"awq_nb.kernels.{module_name}").configs(False))
-
-
-@pytest.mark.skipif(not (ON_GPU or os.environ.get("AWQ_NB_ALL_CONFIGS") == "1"),
-                    reason="every GPU autotune candidate: compiled by bench/gpu_check.sh, or interpreted with "
-                           "AWQ_NB_ALL_CONFIGS=1 (minutes)")
-@pytest.mark.parametrize("module_name, index", [(name, i) for name in ("gemv", "gemm", "dequant")
-                                                for i in range(_n_gpu_configs(name))])
-def test_every_gpu_config_matches_reference(monkeypatch, module_name, index):
-    # On a GPU the autotuner runs one config per shape; this forces each candidate in turn, so a
-    # config that is wrong (UNPACK, FACTOR_GROUP, SPLIT_K, tile sizes) fails whichever one wins.
-    import importlib
-
-    module = importlib.import_module(f"awq_nb.kernels.{module_name}")
-    config = module.configs(False)[index]
-    monkeypatch.setattr(module, "configs", lambda interpret: (config,))
-    for group_size in (32, 128):
-        if module_name == "dequant":
-            qweight, qzeros, scales, _, _ = random_awq(384, 200, group_size, torch.float16)
-            out = module.awq_dequantize(qweight, qzeros, scales, group_size)
-            assert torch.equal(out, dequantize_ref(qweight, qzeros, scales, group_size))
-            continue
-        fn = getattr(module, f"awq_{module_name}")
-        for m in ((1, 3) if module_name == "gemv" else (17,)):
-            check_against_ref(fn, m, 384, 200, group_size, torch.float16, with_bias=m != 1, seed=index)
-
-
-@pytest.mark.skipif(ON_GPU, reason="swaps the interpreter's single config to reach the other branches")
-@pytest.mark.parametrize("module_name, change", [
-    ("gemm", {"SPLIT_K": 1}), ("gemv", {"SPLIT_K": 3}), ("gemv", {"FACTOR_GROUP": False}),
-    ("gemm", {"UNPACK": 0}), ("gemm", {"UNPACK": 2}), ("gemv", {"UNPACK": 1}),
-    ("gemv", {"UNPACK": 0, "FACTOR_GROUP": False, "SPLIT_K": 2}), ("gemv", {"UNPACK": 3}),
-    ("gemv", {"UNPACK": 3, "FACTOR_GROUP": False, "SPLIT_K": 2}), ("dequant", {"UNPACK": 1}), ("dequant", {"UNPACK": 2}),
+@pytest.mark.parametrize("kernel, config", [
+    ("gemv", {"split_k": 1}), ("gemv", {"split_k": 3}), ("gemv", {"block_n": 64, "block_k": 32}),
+    ("gemm", {"split_k": 1}), ("gemm", {"split_k": 3}), ("gemm", {"block_m": 32, "block_n": 64}),
 ])
-def test_triton_other_config_branches(monkeypatch, module_name, change):
-    # The interpreter configs use SPLIT_K=2 (GEMM) and SPLIT_K=1 (GEMV); UNPACK gather (GEMM),
-    # split (GEMV) and interleave (dequant). This runs the other branches of each: the other
-    # split-K epilogue, including a split that does not divide the K-blocks; the GEMV without the
-    # per-group factoring of zeros and scales; the other ways of unpacking the packed words in
-    # each kernel (and the GEMV's 3-D UNPACK_WORDS tiles), on tiles inside one group (g=128) and
-    # spanning several (g=32).
-    import importlib
-
-    import triton
-
-    from awq_nb.kernels.common import UNPACK_GATHER, UNPACK_INTERLEAVE, UNPACK_SPLIT, UNPACK_WORDS
-
-    assert (UNPACK_INTERLEAVE, UNPACK_GATHER, UNPACK_SPLIT, UNPACK_WORDS) == (0, 1, 2, 3)  # the numbers above
-    module = importlib.import_module(f"awq_nb.kernels.{module_name}")
-    (base,) = module.configs(True)
-    assert any(base.kwargs[key] != value for key, value in change.items()), "not another branch"
-    swapped = (triton.Config({**base.kwargs, **change}, num_warps=base.num_warps, num_stages=base.num_stages),)
-    monkeypatch.setattr(module, "configs", lambda interpret: swapped)
+def test_triton_other_launch_configs(kernel, config):
+    # The launch heuristics pick one split of K per shape; these run the other epilogue (no split),
+    # a split that does not divide the K steps, and other tile sizes, inside one group (g=128)
+    # and across several (g=32).
     for group_size in (32, 128):
-        if module_name == "dequant":
-            qweight, qzeros, scales, _, _ = random_awq(384, 200, group_size, torch.float16)
-            assert torch.equal(module.awq_dequantize(qweight, qzeros, scales, group_size),
-                               dequantize_ref(qweight, qzeros, scales, group_size))
-            continue
-        fn = getattr(module, f"awq_{module_name}")
         for dtype, with_bias in ((torch.float16, True), (torch.bfloat16, False)):
-            check_against_ref(fn, 3, 384, 200, group_size, dtype, with_bias)
+            check_against_ref(native_kernel(kernel, **config), 3, 384, 200, group_size, dtype, with_bias)
+
+
+def test_launch_configs_fill_the_gpu_and_respect_groups():
+    from awq_nb.kernels import gemm, gemv
+
+    cfg = gemv.launch_config(1, 4096, 4096, 128, 132)
+    assert cfg.ctas(4096) >= 4 * 132 and cfg.block_k == 128 and cfg.block_n == 128
+    assert gemv.launch_config(1, 8192, 8192, 128, 132).ctas(8192) >= 4 * 132
+    for g in (32, 64, 128, 256, 40):
+        for m in (1, 2, 3, 8):
+            assert g % gemv.launch_config(m, 4096, 40 * 256, g, 132).block_k == 0
+    assert gemm.launch_config(16, 4096, 4096, 128, 132).split_k == 16  # split-K 4-16 for the tensor-core GEMM
+    assert gemm.launch_config(1024, 4096, 4096, 128, 132).split_k == 1
 
 
 @pytest.mark.skipif(ON_GPU, reason="reads the split-K scratch buffers of the interpreter run")
 def test_split_k_leaves_its_scratch_zeroed_and_is_repeatable():
     # Split-K programs add partial sums into a shared workspace and take tickets from per-tile
     # counters; the last program of each tile stores the result and zeroes both, so the next
-    # launch (or a CUDA-graph replay) starts clean without a memset. Two different shapes in a
-    # row share the buffers.
+    # launch (or a CUDA-graph replay) starts clean without a memset. Shapes in a row share them.
     from awq_nb.kernels import common
-    from awq_nb.kernels.gemm import awq_gemm
 
-    assert common.SPLIT_K_MAX_M >= 17  # the M=17 launches below may split K
     outs = []
-    for k, n, m in ((384, 200, 17), (256, 96, 5), (384, 200, 17)):
+    for k, n, m, kernel in ((384, 200, 17, "gemm"), (256, 96, 1, "gemv"), (384, 200, 17, "gemm")):
         qweight, qzeros, scales, _, _ = random_awq(k, n, 64, torch.float16, seed=k)
         x = random_x(m, k, torch.float16, seed=m)
-        outs.append(awq_gemm(x, qweight, qzeros, scales, 64))
+        outs.append(native_kernel(kernel, split_k=2)(x, qweight, qzeros, scales, 64))
         scratch = {key: buf for key, buf in common._SCRATCH.items() if key[0] in ("workspace", "tickets")}
         assert scratch and all(int(buf.count_nonzero()) == 0 for buf in scratch.values()), \
             {key: int(buf.count_nonzero()) for key, buf in scratch.items()}
@@ -329,32 +382,23 @@ def test_split_k_leaves_its_scratch_zeroed_and_is_repeatable():
     assert outs[0].abs().sum() > 0
 
 
-def test_split_k_configs_only_for_small_batches():
-    from awq_nb.kernels import gemm
-    from awq_nb.kernels.common import SPLIT_K_MAX_M
-
-    candidates = gemm.configs(False)
-    big = gemm._prune(candidates, {"M_BUCKET": 2 * SPLIT_K_MAX_M})
-    small = gemm._prune(candidates, {"M_BUCKET": 16})
-    assert big and all(c.kwargs["SPLIT_K"] == 1 for c in big)
-    assert any(c.kwargs["SPLIT_K"] > 1 for c in small)
-
-
 def test_triton_wrappers_reject_bad_inputs(monkeypatch):
     from awq_nb.kernels.gemm import awq_gemm
     from awq_nb.kernels.gemv import awq_gemv
+    from awq_nb.kernels.native import to_native
 
     qweight, qzeros, scales, _, _ = random_awq(128, 64, 64)
+    w = to_native(qweight, qzeros, scales, 64)
     with pytest.raises(AwqNbError, match="1..8 rows"):
-        awq_gemv(random_x(9, 128, torch.float16), qweight, qzeros, scales, 64)
-    with pytest.raises(AwqNbError, match="float16 or bfloat16"):
-        awq_gemm(random_x(2, 128, torch.float32), qweight, qzeros, scales, 64)
-    with pytest.raises(AwqNbError, match="qzeros has shape"):
-        awq_gemm(random_x(2, 128, torch.float16), qweight, qzeros[:1], scales, 64)
+        awq_gemv(random_x(9, 128, torch.float16), w)
+    with pytest.raises(AwqNbError, match="float16/bfloat16"):
+        awq_gemm(random_x(2, 128, torch.float32), w)
+    with pytest.raises(AwqNbError, match="expects K=128"):
+        awq_gemm(random_x(2, 64, torch.float16), w)
     if not ON_GPU:
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(AwqNbError, match="need CUDA tensors"):
-            awq_gemm(random_x(2, 128, torch.float16), qweight, qzeros, scales, 64)
+            awq_gemm(random_x(2, 128, torch.float16), w)
 
 
 # ---------------------------------------------------------------------------------------------
