@@ -4,7 +4,7 @@
     python bench/kernels.py --quick              # CPU: a small subset in under a minute
     python bench/kernels.py --json out.json --markdown out.md
     python bench/kernels.py --cpu-paths          # CPU strategies behind the dispatcher's CPU branch
-    python bench/kernels.py --compile-report 90  # no GPU needed: registers/spills of every candidate
+    python bench/kernels.py --compile-report 90 --json  # no GPU: SASS per weight of every kernel
 
 Per (K x N, M) row, side by side in one run:
 
@@ -189,13 +189,16 @@ def int4_strategies(device: str, triton_kernels: bool, qweight, qzeros, scales, 
         from awq_nb.kernels.dequant import awq_dequantize
         from awq_nb.kernels.gemm import awq_gemm
         from awq_nb.kernels.gemv import MAX_ROWS, awq_gemv
+        from awq_nb.kernels.native import to_native
+
+        native = to_native(qweight, qzeros, scales, group_size)  # once, as WQLinear does at load
 
         def gemv(x):
-            return awq_gemv(x, qweight, qzeros, scales, group_size) if x.shape[0] <= MAX_ROWS else None
+            return awq_gemv(x, native) if x.shape[0] <= MAX_ROWS else None
 
         return {dispatch.GEMV: gemv,
-                dispatch.GEMM: lambda x: awq_gemm(x, qweight, qzeros, scales, group_size),
-                dispatch.DEQUANT_MATMUL: lambda x: x @ awq_dequantize(qweight, qzeros, scales, group_size)}
+                dispatch.GEMM: lambda x: awq_gemm(x, native),
+                dispatch.DEQUANT_MATMUL: lambda x: x @ awq_dequantize(native)}
     cpu_weight = prepare_cpu_int4(qweight, qzeros, scales, group_size) if int4_cpu_supported(
         scales.shape[1], group_size) else None
     paths = {dispatch.CPU_DEQUANT_MATMUL: lambda x: awq_matmul(x, qweight, qzeros, scales, group_size)}
@@ -256,15 +259,18 @@ def bench_shape(k: int, n: int, batches: list[int], device: str, dtype: torch.dt
     return rows
 
 
-def autotune_choices() -> str:
-    """The config each Triton kernel's autotuner settled on, per key (printed after a GPU run)."""
-    import importlib
+def launch_choices(shapes: list[tuple[int, int]], batches: list[int]) -> str:
+    """The launch configuration of each Triton kernel per shape and M (printed after a GPU run)."""
+    from awq_nb.kernels import gemm, gemv
+    from awq_nb.kernels.common import sm_count
 
+    sms = sm_count(torch.device("cuda"))
     lines = []
-    for name in ("gemv", "gemm", "dequant"):
-        module = importlib.import_module(f"awq_nb.kernels.{name}")
-        for key, config in module._tuned(module.configs(False)).cache.items():
-            lines.append(f"autotuned {name} {key[:4]}: {config.kwargs} warps={config.num_warps} stages={config.num_stages}")
+    for k, n in shapes:
+        for m in batches:
+            if m <= gemv.MAX_ROWS:
+                lines.append(f"gemv {k}x{n} M={m}: {gemv.launch_config(m, n, k, GROUP_SIZE, sms)}")
+            lines.append(f"gemm {k}x{n} M={m}: {gemm.launch_config(m, n, k, GROUP_SIZE, sms)}")
     return "\n".join(lines)
 
 
@@ -451,58 +457,80 @@ def cpu_paths(k: int, n: int, batches: list[int]) -> str:
 # compile report (needs no GPU: triton compiles for a named target; ptxas -v gives registers)
 
 
-def compile_report(capability: int) -> str:
-    """Compile every GPU autotune candidate (g=128, fp16, no bias) for sm_<capability>; list shared
-    memory, registers and spills. Run without TRITON_INTERPRET."""
-    import os
-    import re
-    import subprocess
-    import tempfile
+REPORT_SHAPES = ((4096, 4096), (8192, 8192))  # (K, N) whose CTA counts the report gives
+REPORT_CASES = (("gemv", 1), ("gemv", 4), ("gemm", 16), ("gemm", 64), ("dequant", 0))
 
+
+def compile_case(name: str, m: int, capability: int, k: int = 4096, n: int = 4096, group_size: int = GROUP_SIZE,
+                 dtype: torch.dtype = torch.float16):
+    """Compile kernel ``name`` exactly as a launch for ``x [m, k]`` on an sm_<capability> GPU with 132
+    SMs would (its launch configuration, the JIT's specialization, the asm path); returns
+    ``(KernelReport, Compiled)``. No GPU needed."""
+    from awq_nb.kernels import dequant, gemm, gemv, sass
+    from awq_nb.kernels.common import REFERENCE_SMS, launch_buffers
+
+    w = sass.example_native(k, n, group_size, dtype)
+    if name == "dequant":
+        out = torch.empty(k, n, dtype=dtype)
+        args = (w.qweight, w.zeros, w.scales, out, k, n, w.qweight.stride(0), w.zeros.stride(0), w.scales.stride(0),
+                out.stride(0))
+        meta = dict(GROUP_SIZE=group_size, BLOCK_K=dequant.BLOCK_K, BLOCK_N=dequant.BLOCK_N,
+                    F16_ASM=dtype == torch.float16, USE_ASM=True, num_warps=dequant.NUM_WARPS, num_stages=1)
+        compiled = sass.compile_launch(dequant._dequantize_kernel, args, meta, capability)
+        per_step, ctas, config = dequant.BLOCK_K * dequant.BLOCK_N // (32 * dequant.NUM_WARPS), (
+            lambda kk, nn: -(-kk // dequant.BLOCK_K) * -(-nn // dequant.BLOCK_N)), "one tile per program"
+        loop = None
+    else:
+        module = {"gemv": gemv, "gemm": gemm}[name]
+        x = torch.zeros(m, k, dtype=dtype)
+        cfg = module.launch_config(m, n, k, group_size, REFERENCE_SMS)
+        out, workspace, tickets = launch_buffers(x, n)
+        args, meta = module.kernel_args(x, w, None, out, workspace, tickets, cfg, use_asm=True)
+        kernel = gemv._gemv_kernel if name == "gemv" else gemm._gemm_kernel
+        compiled = sass.compile_launch(kernel, args, meta, capability)
+        per_step = cfg.block_k * cfg.block_n // (32 * cfg.num_warps)
+        ctas = (lambda kk, nn: module.launch_config(m, nn, kk, group_size, REFERENCE_SMS).ctas(nn)) if name == "gemv" else (
+            lambda kk, nn: module.launch_config(m, nn, kk, group_size, REFERENCE_SMS).ctas(m, nn))
+        config = str(cfg)
+        loop = sass.hottest_loop(compiled.sass)
+    if loop is None:  # straight-line kernel: the whole program is one step
+        instrs, _ = sass.instructions(compiled.sass)
+        loop = sass.loop_stats(instrs)
+    per_weight = loop.instructions / per_step
+    report = sass.KernelReport(
+        name=name, sm=capability, m=m, registers=compiled.registers, spill_bytes=compiled.spill_bytes,
+        smem_bytes=compiled.smem_bytes, weight_load_bits=loop.widest_load_bits,
+        loop_instructions_per_weight=round(per_weight, 3), loop_shared_or_barrier=loop.shared_or_barrier,
+        ctas_4096=ctas(*REPORT_SHAPES[0]), ctas_8192=ctas(*REPORT_SHAPES[1]), config=config,
+        loop_instructions=loop.instructions, weights_per_thread_per_step=per_step,
+        ceiling_tb_s=round(sass.issue_ceiling_tb_s(per_weight), 2))
+    return report, compiled
+
+
+def compile_report(capabilities: list[int], as_json: bool = False) -> str:
+    """Compile every kernel's launch for each capability (fp16, g=128, 4096x4096) and report what
+    its machine code does per weight; the last line is one JSON object when ``as_json``."""
     import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    from awq_nb.kernels import dequant, gemm, gemv
+    from awq_nb.kernels import sass
 
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    ptxas = [os.path.join(bin_dir, name) for name in ("ptxas-blackwell", "ptxas") if os.path.exists(os.path.join(bin_dir, name))]
-    args = {"x_ptr": "*fp16", "qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16", "bias_ptr": "*fp16",
-            "out_ptr": "*fp16", "ws_ptr": "*fp32", "tickets_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-            "stride_xk": "i32", "stride_qk": "i32", "stride_zk": "i32", "stride_sk": "i32", "stride_om": "i32"}
-    jobs = [("gemm", gemm._gemm_kernel, {**args, "M_BUCKET": "i32"},
-             {"GROUP_SIZE": 128, "HAS_BIAS": False, "DOT_DTYPE": tl.float16}, c) for c in gemm.configs(False)]
-    jobs += [("gemv", gemv._gemv_kernel, args, {"GROUP_SIZE": 128, "HAS_BIAS": False, "BLOCK_M": 1}, c)
-             for c in gemv.configs(False)]
-    jobs += [("dequant", dequant._dequantize_kernel,
-              {"qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16", "out_ptr": "*fp16", "K": "i32",
-               "N": "i32", "stride_qk": "i32", "stride_zk": "i32", "stride_sk": "i32", "stride_ok": "i32"},
-              {"GROUP_SIZE": 128}, c) for c in dequant.configs(False)]
-    arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
-    lines = [f"Compile report for {arch} (triton {triton.__version__}; g=128, fp16, no bias, GEMV at BLOCK_M=1)", "",
-             "| kernel | config | warps | stages | shared bytes | registers | spill bytes |", "|---|---|---|---|---|---|---|"]
-    for name, fn, signature, fixed, config in jobs:
-        constexprs = {**fixed, **config.kwargs}
-        signature = {**signature, **{key: "constexpr" for key in constexprs}}
-        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", capability, 32),
-                                  options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-        regs = spills = "?"
-        for tool in ptxas:
-            with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-                f.write(compiled.asm["ptx"])
-                f.flush()
-                done = subprocess.run([tool, "-v", f"--gpu-name={arch}", f.name, "-o", os.devnull],
-                                      capture_output=True, text=True)
-            if done.returncode == 0:
-                regs = (re.findall(r"Used (\d+) registers", done.stderr) or ["?"])[0]
-                spills = (re.findall(r"(\d+) bytes spill stores", done.stderr) or ["?"])[0]
-                break
-        lines.append(f"| {name} | {config.kwargs} | {config.num_warps} | {config.num_stages} | "
-                     f"{compiled.metadata.shared} | {regs} | {spills} |")
-        print(lines[-1], flush=True)
-    return "\n".join(lines) + "\n"
+    reason = sass.tools_available()
+    if reason:
+        raise SystemExit(f"compile report: {reason}")
+    reports = [compile_case(name, m, cap)[0] for cap in capabilities for name, m in REPORT_CASES]
+    lines = [f"Compile report (triton {triton.__version__}; fp16, g={GROUP_SIZE}, K=N=4096, launch configs for 132 SMs; "
+             f"budget {sass.BUDGET_PER_WEIGHT} instructions per weight at 4.3 TB/s)", "",
+             "| kernel | sm | M | registers | spill B | smem B | widest load | instr / weight (loop) | "
+             "shared/barrier in loop | CTAs 4096^2 | CTAs 8192^2 | issue ceiling TB/s | config |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in reports:
+        lines.append(f"| {r.name} | {r.sm} | {r.m} | {r.registers} | {r.spill_bytes} | {r.smem_bytes} | "
+                     f"{r.weight_load_bits} | {r.loop_instructions_per_weight:.2f} | {r.loop_shared_or_barrier} | "
+                     f"{r.ctas_4096} | {r.ctas_8192} | {r.ceiling_tb_s:.2f} | {r.config} |")
+    text = "\n".join(lines) + "\n"
+    if as_json:
+        text += "\n" + json.dumps({"kernels": [r.as_json() for r in reports]}) + "\n"
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,7 +596,9 @@ def markdown(env: dict, rows: list[Row], decode: list[Decode], extra: str = "") 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small subset on CPU, under a minute")
-    parser.add_argument("--json", metavar="FILE", help="also write rows and decode results as JSON")
+    parser.add_argument("--json", metavar="FILE", nargs="?", const="-",
+                        help="also write rows and decode results as JSON (with --compile-report: print the JSON line; "
+                             "FILE also gets it)")
     parser.add_argument("--markdown", metavar="FILE", help="also write the markdown tables to FILE")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode tokens/s measurement")
     parser.add_argument("--decode-only", action="store_true", help="only the decode tokens/s measurement")
@@ -579,12 +609,17 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", nargs="*", type=int, metavar="M", help="override the batch sizes")
     parser.add_argument("--cpu-paths", action="store_true",
                         help="only compare the CPU strategies (dequantize, cached dense, torch int4) and exit")
-    parser.add_argument("--compile-report", type=int, metavar="SM",
-                        help="compile the GPU candidates for sm_SM (e.g. 90) without a GPU, list registers/spills, exit")
+    parser.add_argument("--compile-report", type=int, nargs="*", metavar="SM",
+                        help="compile every kernel's launch for sm_SM (default: 90 80 75) without a GPU; report registers, "
+                             "spills, load widths and SASS instructions per weight, exit (with --json: a JSON last line)")
     args = parser.parse_args(argv)
-    if args.compile_report:
-        text = compile_report(args.compile_report)
-        print("\n" + text)
+    if args.compile_report is not None:
+        os.environ.pop("TRITON_INTERPRET", None)
+        text = compile_report(args.compile_report or [90, 80, 75], as_json=args.json is not None)
+        print(text, end="")
+        if args.json and args.json != "-":
+            with open(args.json, "w") as f:
+                f.write(text.rstrip().splitlines()[-1] + "\n")
         return 0
     if args.cpu_paths:
         k, n = tuple(map(int, args.shapes[0].lower().split("x"))) if args.shapes else QUICK_SHAPES[0]
@@ -630,7 +665,7 @@ def main(argv=None) -> int:
             save()
         print("\n" + threshold_summary(rows), flush=True)
         if device == "cuda":
-            print(autotune_choices(), flush=True)
+            print(launch_choices(shapes, batches), flush=True)
     if not args.no_decode:
         print(DECODE_HEADER, flush=True)
         decode += bench_decode(device, quick=device == "cpu")

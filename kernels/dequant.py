@@ -43,7 +43,7 @@ def _dequantize_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < K // 8)[:, None] & (offs_n < N)[None, :]
     r_safe = tl.where(rows < K // 8, rows, 0)[:, None]
-    n_safe = tl.where(offs_n < N, offs_n, 0)[None, :]
+    n_safe = tl.max_contiguous(tl.multiple_of(tl.where(offs_n < N, offs_n, 0), 4), 4)[None, :]  # runs of 4 (N % 8 == 0)
     words = tl.load(qweight_ptr + r_safe * stride_qk + n_safe)
     group = (r_safe * 8) // GROUP_SIZE
     zlo, zhi = load_zero(zeros_ptr + group * stride_zk + n_safe, USE_ASM)

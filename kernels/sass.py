@@ -131,7 +131,7 @@ def opcode(ins: str) -> str:
 class LoopStats:
     instructions: int
     global_loads: list[str]
-    widest_load_bits: int
+    widest_load_bits: int          # of the weight loads (plain LDG)
     shared_or_barrier: int
     opcodes: dict
 
@@ -139,7 +139,9 @@ class LoopStats:
 def loop_stats(body: list[str]) -> LoopStats:
     ops = [opcode(i) for i in body]
     loads = [o for o in ops if o.startswith("LDG")]
-    bits = [128 if ".128" in o else 64 if ".64" in o else 32 for o in loads]
+    # Weights come through tl.load (plain LDG); x, scales and zeros through the asm helpers'
+    # ld.global.nc, which SASS shows as LDG.*.CONSTANT. The weights' width is what matters.
+    bits = [128 if ".128" in o else 64 if ".64" in o else 32 for o in loads if ".CONSTANT" not in o]
     shared = sum(o.startswith(("LDS", "STS", "BAR", "LDSM", "STSM")) for o in ops)
     counts: dict = {}
     for o in ops:
