@@ -90,3 +90,17 @@ def test_cli_prints_a_json_last_line():
     keys = {"name", "sm", "m", "registers", "spill_bytes", "smem_bytes", "weight_load_bits",
             "loop_instructions_per_weight", "loop_shared_or_barrier", "ctas_4096", "ctas_8192"}
     assert all(keys <= set(k) for k in last["kernels"])
+
+
+def test_gpu_quick_dry_run_builds_every_tensor():
+    # The short GPU script must be ready for whoever gets a device: on CPU it builds every shape's
+    # tensors (native layout, dense fp16), checks their shapes, and runs the kernels' twins on a
+    # small shape against the reference.
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_quick.py"), "--dry-run"], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    if "No module named 'triton'" in done.stderr:
+        pytest.skip("triton is not installed")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not result["failed"] and {r["m"] for r in result["rows"]} == {1, 16}
+    assert all(r["err_ours"] < 1e-2 for r in result["rows"])

@@ -500,3 +500,40 @@ def test_package_import_does_not_import_triton(tmp_path):
     # From a scratch folder: in the repository root `python -c` would import the source tree, whose
     # awq_nb/ has no kernels/ (that mapping is the installed package's, or bench/gpu_check.sh's).
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# WQLinear in the native layout (what load_quantized and from_linear do on a GPU)
+
+
+@pytest.mark.skipif(ON_GPU, reason="runs the native path on CPU tensors under the interpreter")
+def test_wqlinear_native_mode_keeps_checkpoints_and_results():
+    from awq_nb.wqlinear import WQLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 200, bias=True).half()
+    q = WQLinear.from_linear(linear, 4, 64)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    x = random_x(3, 256, torch.float16, device="cpu")
+    ref = gemm_ref(x, q.qweight, q.qzeros, q.scales, 64, q.bias)
+    w_t = dequantize_ref(q.qweight, q.qzeros, q.scales, 64)
+    packed_bytes = sum(t.numel() * t.element_size() for t in (q.qweight, q.qzeros, q.scales))
+
+    assert q.prepare_native() and q.is_native and q.qweight is None and q.qzeros is None
+    native = q.native()
+    extra = native.nbytes() - packed_bytes
+    assert 0 < extra <= 0.02 * packed_bytes  # only the unpacked zeros (0.5 B per group and column)
+    after = q.state_dict()
+    assert list(after) == list(before)  # same keys, same order
+    assert all(torch.equal(after[k], before[k]) for k in before)  # the checkpoint, bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(q.awq_tensors(), (before["qweight"], before["qzeros"], q.scales)))
+    out = q(x)  # native_matmul: the GEMV/GEMM twins under the interpreter
+    assert_within(out, ref, error_bound(x, w_t, ref, torch.float16))
+
+    fresh = WQLinear(4, 64, 256, 200, True)  # loading a checkpoint into a native module works too
+    fresh.prepare_native()
+    q.load_state_dict(before)
+    assert not q.is_native and torch.equal(q.qweight, before["qweight"])
+    q.prepare_native()
+    q.to(torch.float16)  # a move that leaves the weight on the CPU turns it back for the CPU paths
+    assert not q.is_native and torch.equal(q.qweight, before["qweight"])
