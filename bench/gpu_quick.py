@@ -158,12 +158,36 @@ def markdown_row(r: dict) -> str:
             f"{f('err_torch_int4', '.1e')} |")
 
 
+def ensure_package() -> None:
+    """Make ``awq_nb`` (with ``kernels/`` as ``awq_nb.kernels``) importable from a bare checkout, as
+    on the device machine, which has no editable install: assemble it in a temporary folder."""
+    if os.environ.get("AWQ_NB_ASSEMBLE") != "1":
+        try:
+            import awq_nb.kernels.native  # noqa: F401
+            return
+        except ImportError:
+            pass
+    import shutil
+    import tempfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    site = tempfile.mkdtemp(prefix="awq_nb_site_")
+    shutil.copytree(os.path.join(root, "awq_nb"), os.path.join(site, "awq_nb"),
+                    ignore=shutil.ignore_patterns("__pycache__", "kernels"))
+    shutil.copytree(os.path.join(root, "kernels"), os.path.join(site, "awq_nb", "kernels"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    sys.path.insert(0, site)
+    for name in [m for m in sys.modules if m == "awq_nb" or m.startswith("awq_nb.")]:
+        del sys.modules[name]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU: build every tensor, check shapes, time nothing")
     args = parser.parse_args(argv)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton: the kernels' twins run on CPU
+    ensure_package()
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA device; run with --dry-run on a CPU", file=sys.stderr)
