@@ -529,7 +529,9 @@ def compile_report(capabilities: list[int], as_json: bool = False) -> str:
                      f"{r.ctas_4096} | {r.ctas_8192} | {r.ceiling_tb_s:.2f} | {r.config} |")
     text = "\n".join(lines) + "\n"
     if as_json:
-        text += "\n" + json.dumps({"kernels": [r.as_json() for r in reports]}) + "\n"
+        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        text += "\n" + json.dumps({"kernels": [r.as_json() for r in reports], "triton": triton.__version__,
+                                   "date": stamp}) + "\n"
     return text
 
 

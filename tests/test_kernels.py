@@ -210,42 +210,36 @@ def test_native_layout_rejects_what_it_cannot_hold():
         check_native(NativeInt4(w.qweight, w.zeros.int(), w.scales, 32))
 
 
-def _emulate_pair(words, mask, shift, z):
-    """What the kernels' asm does to one fp16x2 pair, in numpy: lop3 (w >> shift) & mask | 0x64006400,
-    then sub.f16x2 (1024 + z) for the low mask, fma.rn.f16x2 (x 1/16, - (64 + z)) for the x16 mask."""
-    import numpy as np
-
-    bits = ((words >> shift) & mask) | 0x64006400
-    half = bits.astype(np.uint32).view(np.float16).reshape(-1, 2)  # little endian: [low half, high half]
-    zf = np.repeat(z.astype(np.float16)[:, None], 2, axis=1)
-    if mask == 0x000F000F:
-        return (half - (np.float16(1024) + zf)).astype(np.float16)
-    return (half.astype(np.float32) * np.float32(1 / 16) - (64 + zf.astype(np.float32))).astype(np.float16)
-
-
 def test_bit_trick_gives_exact_q_minus_z_in_natural_k_order():
-    # All 256 byte values of a nibble pair (q for k and k+1, ... ), in each of the four pair
-    # positions of a word, against every zero 0..15: (q - z) must come out exact and in k order.
+    # All 256 byte values of a nibble pair (the codes of k offsets 2p and 2p + 1, in the word's
+    # nibbles p and p + 4), in each of the four pair positions of a word, against every zero 0..15,
+    # through the kernels' instructions emulated in numpy: (q - z) must come out exact, in k order.
     import numpy as np
 
+    from awq_nb.kernels.explain import decode_words
     from awq_nb.kernels.nibbles import K_SHIFTS, MAGIC_F16X2, SIXTEENTH_F16X2
 
     assert MAGIC_F16X2 == 0x64006400 and np.array([SIXTEENTH_F16X2 & 0xFFFF], np.uint16).view(np.float16)[0] == 1 / 16
     assert K_SHIFTS == tuple(4 * AWQ_REVERSE_ORDER[j] for j in range(8))
     pair_value = np.arange(256)
-    lo, hi = pair_value & 0xF, pair_value >> 4            # the codes of k offsets 2p and 2p + 1
-    for z in range(16):
-        zs = np.full(256, z)
-        for p, (mask, shift) in enumerate(((0x000F000F, 0), (0x00F000F0, 0), (0x000F000F, 8), (0x00F000F0, 8))):
-            codes = np.zeros((256, 8), np.int64)
-            codes[:, 2 * p], codes[:, 2 * p + 1] = lo, hi
-            words = np.zeros(256, np.int64)
-            for i, offset in enumerate(AWQ_ORDER):        # pack k offsets into nibbles, AWQ order
-                words |= codes[:, offset] << (4 * i)
-            got = _emulate_pair(words.astype(np.uint32), mask, shift, zs)
-            assert np.array_equal(got[:, 0], lo - z) and np.array_equal(got[:, 1], hi - z), (p, z)
-            for j in range(8):                            # the twin's shifts read the same codes
-                assert np.array_equal((words >> K_SHIFTS[j]) & 0xF, codes[:, j])
+    lo, hi = pair_value & 0xF, pair_value >> 4
+    for p in range(4):
+        codes = np.zeros((256, 8), np.int64)
+        codes[:, 2 * p], codes[:, 2 * p + 1] = lo, hi
+        words = np.zeros(256, np.int64)
+        for i, offset in enumerate(AWQ_ORDER):            # pack k offsets into nibbles, AWQ order
+            words |= codes[:, offset] << (4 * i)
+        for j in range(8):                                # the interpreter twin's shifts read the same codes
+            assert np.array_equal((words >> K_SHIFTS[j]) & 0xF, codes[:, j])
+        for z in range(16):
+            got = decode_words(words, np.full(256, z))
+            assert got.dtype == np.float16 and np.array_equal(got, codes - z), (p, z)
+    full = np.random.default_rng(0).integers(0, 16, (4096, 8))  # and whole words with all 8 codes set
+    words = np.zeros(4096, np.int64)
+    for i, offset in enumerate(AWQ_ORDER):
+        words |= full[:, offset] << (4 * i)
+    zeros = np.random.default_rng(1).integers(0, 16, 4096)
+    assert np.array_equal(decode_words(words, zeros), full - zeros[:, None])
 
 
 def test_zero_constants_are_the_fp16_bits_the_asm_uses():
