@@ -23,12 +23,14 @@ Triton is imported only when a CUDA tensor arrives, so the CPU path works withou
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from awq_nb.errors import AwqNbError
 
 from .cpu import CpuInt4Weight, matmul_dequant_cpu, matmul_int4_cpu
-from .native import NativeInt4, check_native, native_supported, to_native
+from .native import NativeInt4, check_native, dequantize_native, native_supported, to_native
 from .validate import check_activation, check_awq_weight
 
 GEMV_MAX_M = 1            # largest batch sent to the GEMV kernel on sm80+ (H200 2026-11-28)
@@ -113,10 +115,19 @@ def native_matmul(x: torch.Tensor, w: NativeInt4, bias: torch.Tensor | None = No
     return _cuda_matmul(kind, x2, w, bias).reshape(*lead, n)
 
 
+def triton_available() -> bool:
+    """Whether triton can be imported here (not on macOS or Windows); checked at call time."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def _cuda_matmul(kind, x, w: NativeInt4, bias):
-    """Run a Triton strategy; fp32 activations are computed in the scales' dtype."""
+    """Run a Triton strategy; fp32 activations are computed in the scales' dtype. Without triton
+    (a CUDA GPU on Windows) the weight is dequantized in torch and cuBLAS multiplies."""
     compute = x if x.dtype in (torch.float16, torch.bfloat16) else x.to(w.scales.dtype)
-    if kind == GEMV:
+    if not triton_available():
+        wt = dequantize_native(w, compute.dtype)
+        out = compute @ wt if bias is None else torch.addmm(bias.to(compute.dtype), compute, wt)
+    elif kind == GEMV:
         from .gemv import awq_gemv
         out = awq_gemv(compute, w, bias)
     elif kind == GEMM:

@@ -140,3 +140,14 @@ def from_native(w: NativeInt4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 def unpack_native(w: NativeInt4) -> torch.Tensor:
     """int32 codes ``[K, N]`` of a native weight (plain torch; for tests and notebooks)."""
     return unpack_awq(from_native(w)[0])
+
+
+def dequantize_native(w: NativeInt4, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``W^T [K, N]`` of a native weight in plain torch (any device; where Triton is missing), equal to
+    :func:`~awq_nb.kernels.reference.dequantize_ref` of the checkpoint tensors in ``scales.dtype``."""
+    k, n = check_native(w)
+    shifts = torch.tensor([BITS * AWQ_REVERSE_ORDER[j] for j in range(PACK_FACTOR)], dtype=torch.int32, device=w.device)
+    codes = ((w.qweight.unsqueeze(1) >> shifts[None, :, None]) & 0xF).reshape(k, n)      # natural k order
+    z = w.zeros.to(torch.int32).repeat_interleave(w.group_size, dim=0)
+    s = w.scales.float().repeat_interleave(w.group_size, dim=0)
+    return ((codes - z).float() * s).to(dtype or w.scales.dtype)

@@ -103,3 +103,29 @@ def test_notebook_runs_without_triton(path: Path, tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     if path.name.startswith("05_"):
         assert done.stdout.strip().endswith("TRITON_NOTE"), "notebook 05 must say once that the kernels need Triton"
+
+
+def test_native_weight_runs_through_torch_without_triton():
+    # A CUDA GPU without Triton (Windows) takes the native path with torch's dequantize + matmul;
+    # the same function runs here on CPU tensors.
+    done = run_python("""
+        import torch
+        from awq_nb.kernels import dispatch, gemm_ref, to_native
+        from awq_nb.kernels.native import dequantize_native
+        from awq_nb.kernels.reference import dequantize_ref
+        from awq_nb.kernels.layout import pack_awq
+
+        g = torch.Generator().manual_seed(0)
+        qweight = pack_awq(torch.randint(0, 16, (256, 72), generator=g, dtype=torch.int32))
+        qzeros = pack_awq(torch.randint(0, 16, (4, 72), generator=g, dtype=torch.int32))
+        scales = (torch.rand(4, 72, generator=g) * 0.02).half()
+        w = to_native(qweight, qzeros, scales, 64)
+        assert torch.equal(dequantize_native(w), dequantize_ref(qweight, qzeros, scales, 64))
+        assert not dispatch.triton_available()
+        x = torch.randn(3, 256, generator=g)
+        out = dispatch._cuda_matmul(dispatch.GEMV, x, w, None)
+        ref = gemm_ref(x, qweight, qzeros, scales, 64)
+        assert torch.allclose(out, ref, atol=1e-2, rtol=1e-2), (out - ref).abs().max()
+        print("ok")
+    """)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
