@@ -500,18 +500,20 @@ def test_package_import_does_not_import_triton(tmp_path):
 # WQLinear in the native layout (what load_quantized and from_linear do on a GPU)
 
 
-@pytest.mark.skipif(ON_GPU, reason="runs the native path on CPU tensors under the interpreter")
 def test_wqlinear_native_mode_keeps_checkpoints_and_results():
     from awq_nb.wqlinear import WQLinear
 
     torch.manual_seed(0)
-    linear = torch.nn.Linear(256, 200, bias=True).half()
+    # On CPU this runs the kernels' twins under the interpreter; on a GPU from_linear repacks at once.
+    linear = torch.nn.Linear(256, 200, bias=True).half().to(DEVICE)
     q = WQLinear.from_linear(linear, 4, 64)
+    assert q.is_native == ON_GPU
     before = {k: v.clone() for k, v in q.state_dict().items()}
-    x = random_x(3, 256, torch.float16, device="cpu")
-    ref = gemm_ref(x, q.qweight, q.qzeros, q.scales, 64, q.bias)
-    w_t = dequantize_ref(q.qweight, q.qzeros, q.scales, 64)
-    packed_bytes = sum(t.numel() * t.element_size() for t in (q.qweight, q.qzeros, q.scales))
+    qweight, qzeros, scales = (before[k] for k in ("qweight", "qzeros", "scales"))
+    x = random_x(3, 256, torch.float16)
+    ref = gemm_ref(x, qweight, qzeros, scales, 64, q.bias)
+    w_t = dequantize_ref(qweight, qzeros, scales, 64)
+    packed_bytes = sum(t.numel() * t.element_size() for t in (qweight, qzeros, scales))
 
     assert q.prepare_native() and q.is_native and q.qweight is None and q.qzeros is None
     native = q.native()
@@ -520,14 +522,13 @@ def test_wqlinear_native_mode_keeps_checkpoints_and_results():
     after = q.state_dict()
     assert list(after) == list(before)  # same keys, same order
     assert all(torch.equal(after[k], before[k]) for k in before)  # the checkpoint, bit for bit
-    assert all(torch.equal(a, b) for a, b in zip(q.awq_tensors(), (before["qweight"], before["qzeros"], q.scales)))
+    assert all(torch.equal(a, b) for a, b in zip(q.awq_tensors(), (qweight, qzeros, q.scales)))
     out = q(x)  # native_matmul: the GEMV/GEMM twins under the interpreter
     assert_within(out, ref, error_bound(x, w_t, ref, torch.float16))
 
-    fresh = WQLinear(4, 64, 256, 200, True)  # loading a checkpoint into a native module works too
-    fresh.prepare_native()
-    q.load_state_dict(before)
-    assert not q.is_native and torch.equal(q.qweight, before["qweight"])
+    q.load_state_dict(before)  # loading a checkpoint into a native module
+    assert not q.is_native and torch.equal(q.qweight, qweight)
+    assert_within(q(x), ref, error_bound(x, w_t, ref, torch.float16))  # a CUDA forward repacks again
     q.prepare_native()
-    q.to(torch.float16)  # a move that leaves the weight on the CPU turns it back for the CPU paths
-    assert not q.is_native and torch.equal(q.qweight, before["qweight"])
+    q.to("cpu")  # a move to the CPU turns it back for the CPU paths
+    assert not q.is_native and torch.equal(q.qweight, qweight.cpu())
