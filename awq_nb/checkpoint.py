@@ -5,8 +5,12 @@ there is more than one shard), ``config.json`` with a ``quantization_config``, t
 config and the tokenizer files. Quantized Linears are stored as ``<name>.qweight/.qzeros/
 .scales(/.bias)``; every other tensor in floating point under its usual name.
 
-``save_quantized`` writes into a hidden sibling folder and renames it into place at the end, so a
-failed or interrupted save never leaves a folder that looks complete. ``load_quantized`` builds
+``save_quantized`` writes into a hidden sibling folder and moves it into place at the end, so a
+failed or interrupted save never leaves a folder that looks complete. It never deletes what it did
+not write: a non-empty target needs ``overwrite=True``, which replaces the checkpoint's own files
+(and removes stale shards of an earlier checkpoint) and keeps every other file. Hidden partial
+folders that a killed save left next to the target are removed by the next save to it, with a
+warning. ``load_quantized`` builds
 the model from ``config.json`` with empty weights, swaps in :class:`~awq_nb.wqlinear.WQLinear`
 modules and reads the tensors with safetensors only (no pickle, no remote code), checking every
 name, shape and dtype first.
@@ -15,9 +19,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -172,27 +178,60 @@ def _looks_like_awq_checkpoint(folder: Path) -> bool:
 def _check_target(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise AwqNbError(f"{out} exists and is a file; choose a folder path for the checkpoint.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite and not _looks_like_awq_checkpoint(out):
-        entries = sorted(p.name for p in out.iterdir())[:5]
-        raise AwqNbError(f"{out} is not empty and is not an AWQ checkpoint (it holds {entries}...); pass overwrite=True "
-                         "to replace it, or choose another folder.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        entries = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        kind = "an AWQ checkpoint" if _looks_like_awq_checkpoint(out) else "files"
+        raise AwqNbError(f"{out} is not empty (it holds {kind}: {shown}); pass overwrite=True to replace the "
+                         "checkpoint files in it (other files are kept), or choose another folder.")
+
+
+_SHARD = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$")
+_PROCESS_START = time.time()  # partial folders older than this process are left over from a killed save
+
+
+def _is_weights_file(name: str) -> bool:
+    """A weights shard or index a checkpoint writes (stale ones are removed on overwrite)."""
+    return bool(_SHARD.match(name)) or name == INDEX_NAME
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove the hidden ``.<out>.*partial*`` / ``.<out>.*.old`` folders next to ``out`` that an
+    interrupted save left behind (older than this process), warn naming them, and return them."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    stale = []
+    for p in out.parent.glob(f".{glob_escape(out.name)}.*"):
+        if not p.is_dir() or not (p.name.endswith((".partial", ".old")) or ".partial-" in p.name):
+            continue
+        if p.stat().st_mtime < _PROCESS_START:
+            shutil.rmtree(p, ignore_errors=True)
+            stale.append(p)
+    if stale:
+        warnings.warn(f"removed {len(stale)} unfinished folder(s) left by an interrupted save of {out}: "
+                      f"{', '.join(p.name for p in stale)}", stacklevel=2)
+    return stale
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def _commit(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` folder to ``out`` (replacing it) with renames only."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        old.rmdir()
-        out.rename(old)
-    try:
+    """Move the finished ``tmp`` folder's files to ``out``. A new ``out`` is one rename; an existing
+    one gets each file replaced (``os.replace``), then loses only the weight shards and index of
+    an earlier checkpoint that the new one did not write. Nothing else in ``out`` is touched."""
+    if not out.exists():
         tmp.rename(out)
-    except OSError:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old)
+        return
+    written = {f.name for f in tmp.iterdir()}
+    stale = [f for f in out.iterdir() if f.is_file() and _is_weights_file(f.name) and f.name not in written]
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, out / f.name)
+    for f in stale:
+        f.unlink()
+    tmp.rmdir()
 
 
 def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, config: AWQConfig | None = None,
@@ -205,10 +244,12 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, config: AWQ
     tensors are written in ``dtype`` (default: the model's fp16/bf16 dtype, fp16 for fp32 models);
     a tied ``lm_head`` is not written. ``tokenizer`` may be None.
 
-    ``out_dir`` must be missing, empty or an earlier AWQ checkpoint, unless ``overwrite=True``.
+    ``out_dir`` must be missing or empty, unless ``overwrite=True``: then the checkpoint's files
+    replace their namesakes, stale shards of an earlier checkpoint go, and every other file stays.
     """
     out = Path(out_dir)
     _check_target(out, overwrite)
+    remove_stale_partials(out)
     config, convert, kept = _resolve_config(model, config)
     if dtype is None:
         model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float16)

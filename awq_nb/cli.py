@@ -85,9 +85,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _prepare_out(out: Path) -> Path:
+    from .checkpoint import remove_stale_partials
+
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise AwqNbError(f"output folder {out} already exists and is not empty: choose a new --out or delete it.")
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)  # hidden folders a killed run left here
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
 
 

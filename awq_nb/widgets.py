@@ -23,6 +23,7 @@ import io
 import os
 import time
 import traceback
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -157,6 +158,18 @@ def default_figures(outcome: RunOutcome) -> list:
     return figs
 
 
+def fresh_folder(base: str) -> str:
+    """``base``, or ``base-2``, ``base-3``, ... : the first that does not exist or is an empty folder,
+    so a second run's default never points at the first run's checkpoint."""
+    def free(name: str) -> bool:
+        p = Path(name)
+        return not p.exists() or (p.is_dir() and not any(p.iterdir()))
+
+    if free(base):
+        return base
+    return next(f"{base}-{i}" for i in range(2, 10_000) if free(f"{base}-{i}"))
+
+
 def default_saver(outcome: RunOutcome, out_dir: str) -> str:
     """Write the INT4 checkpoint. The model on screen is fake-quantized, so reload the floating
     point weights and fold the same search result in: the packed codes are then exactly those
@@ -238,6 +251,7 @@ class AWQApp:
         self.run_button = w.Button(description="Run", button_style="primary", icon="play")
         self.bar = w.IntProgress(value=0, min=0, max=1, description="", layout=w.Layout(width="300px"))
         self.stage = w.Label(value="")
+        self._default_out = None  # the folder name this app proposed (replaced by a fresh one each run)
         self.out_dir = w.Text(value="", description="Save to", placeholder="folder", style=wide,
                               layout=w.Layout(width="460px"))
         self.save_button = w.Button(description="Save", icon="save", disabled=True)
@@ -311,8 +325,10 @@ class AWQApp:
                                         for f in self.plotter(outcome))
             self.bar.bar_style = "success"
             self.message.value = html.escape(f"Done in {time.perf_counter() - t0:.0f} s. " + " ".join(outcome.notes))
-            if not self.out_dir.value:
-                self.out_dir.value = f"awq-{settings.model.rstrip('/').split('/')[-1]}-{settings.config.tag}"
+            if not self.out_dir.value or self.out_dir.value == self._default_out:
+                # a fresh default each run; the saver refuses a non-empty folder, so nothing is replaced
+                self._default_out = fresh_folder(f"awq-{settings.model.rstrip('/').split('/')[-1]}-{settings.config.tag}")
+                self.out_dir.value = self._default_out
         except AwqNbError as e:
             self._show_error(str(e))
         except Exception as e:  # the UI boundary: show anything else too, keep the kernel and app alive

@@ -454,7 +454,7 @@ def test_failed_resave_keeps_the_previous_checkpoint(tmp_path, saved, monkeypatc
     before = sorted(p.name for p in out.iterdir())
     monkeypatch.setattr(ckpt, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("interrupted (simulated)")))
     with pytest.raises(OSError, match="simulated"):
-        save_quantized(saved["model"], None, out, AWQConfig(group_size=G))
+        save_quantized(saved["model"], None, out, AWQConfig(group_size=G), overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == before and [p.name for p in tmp_path.iterdir()] == ["out"]
     load_quantized(out)
 
@@ -463,17 +463,55 @@ def test_overwrite_rules(tmp_path, saved):
     other = tmp_path / "notes"
     other.mkdir()
     (other / "important.txt").write_text("keep me")
-    with pytest.raises(AwqNbError, match="not empty and is not an AWQ checkpoint"):
+    with pytest.raises(AwqNbError, match="not empty .*overwrite=True"):
         save_quantized(saved["model"], None, other, AWQConfig(group_size=G))
-    assert (other / "important.txt").read_text() == "keep me"
+    assert [p.name for p in other.iterdir()] == ["important.txt"]
     save_quantized(saved["model"], None, other, AWQConfig(group_size=G), overwrite=True)
-    assert not (other / "important.txt").exists() and (other / "model.safetensors").is_file()
-    # an earlier AWQ checkpoint, or an empty folder, is replaced without overwrite=True
-    save_quantized(saved["model"], None, other, AWQConfig(group_size=32))
-    assert read_quant_config(other)["group_size"] == 32
+    assert (other / "important.txt").read_text() == "keep me" and (other / "model.safetensors").is_file()
+    # an earlier AWQ checkpoint is not replaced without overwrite=True either
+    with pytest.raises(AwqNbError, match="holds an AWQ checkpoint"):
+        save_quantized(saved["model"], None, other, AWQConfig(group_size=32))
+    assert read_quant_config(other)["group_size"] == G
     (tmp_path / "empty").mkdir()
     save_quantized(saved["model"], None, tmp_path / "empty", AWQConfig(group_size=G))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "notes"]
+
+
+def test_overwrite_replaces_only_the_checkpoint_files(tmp_path, saved):
+    # The reported data loss: re-saving into a checkpoint folder deleted the model card, the
+    # summary and the search results. Now only the checkpoint's own files change.
+    out = tmp_path / "ckpt"
+    save_quantized(saved["model"], None, out, AWQConfig(group_size=G), max_shard_size="100KB")
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+    (out / "README.md").write_text("card")
+    (out / "awq_nb_summary.json").write_text("{}")
+    model, _ = load_quantized(out)
+    save_quantized(model, None, out, overwrite=True)  # one shard now
+    names = sorted(p.name for p in out.iterdir())
+    assert "README.md" in names and "awq_nb_summary.json" in names
+    assert (out / "README.md").read_text() == "card"
+    assert "model.safetensors" in names and not any(n.startswith("model-") for n in names), names
+    assert "model.safetensors.index.json" not in names  # stale shards and index are gone
+    load_quantized(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_stale_partials_of_a_killed_save_are_removed_and_reported(tmp_path, saved):
+    out = tmp_path / "out"
+    stale = [tmp_path / ".out.abc123.partial", tmp_path / ".out.partial-xyz", tmp_path / ".out.q1w2.old"]
+    fresh = tmp_path / ".out.new.partial"
+    unrelated = tmp_path / ".other.abc.partial"
+    for d in (*stale, fresh, unrelated):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half written")
+    past = ckpt._PROCESS_START - 3600
+    for d in (*stale, unrelated):
+        os.utime(d, (past, past))
+    with pytest.warns(UserWarning, match="removed 3 unfinished folder"):
+        save_quantized(saved["model"], None, out, AWQConfig(group_size=G))
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["out", fresh.name, unrelated.name])  # another target's and a live one's stay
 
 
 # ---------------------------------------------------------------------------------------------

@@ -244,3 +244,20 @@ def test_missing_ipywidgets_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "ipywidgets", None)
     with pytest.raises(AwqNbError, match="pip install"):
         widgets.awq_app()
+
+
+def test_default_folder_is_fresh_and_saving_never_replaces(tmp_path, monkeypatch):
+    # A second run must not propose (and the saver must not replace) the first run's checkpoint.
+    monkeypatch.chdir(tmp_path)
+    app = _app(runner=lambda s, p: widgets.RunOutcome(rows=ROWS, model="m"))
+    app.run()
+    first = app.out_dir.value
+    assert first == "awq-SmolLM2-135M-Instruct-w4g64"
+    (tmp_path / first).mkdir()
+    (tmp_path / first / "model.safetensors").write_bytes(b"x")
+    app.run()
+    assert app.out_dir.value == first + "-2"
+    app.out_dir.value = "mine"  # a folder the user typed stays as typed
+    app.run()
+    assert app.out_dir.value == "mine"
+    assert widgets.fresh_folder(str(tmp_path / "empty-or-missing")) == str(tmp_path / "empty-or-missing")
