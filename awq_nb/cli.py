@@ -1,6 +1,11 @@
-"""Command line: ``python -m awq_nb quantize|eval``. Each command prints a JSON summary as its last line.
+"""Command line: ``python -m awq_nb quantize|eval|demo``. Each command prints a JSON summary as its last line.
 
-Errors print as one line (``error: ...``) with exit status 2; ``--debug`` shows the traceback.
+Errors are one line on stderr, never a bare traceback (``--debug`` shows it):
+
+* exit status 2, ``error: ...``: a problem with the input that the message names with its fix
+  (:class:`AwqNbError`, a missing file, a Ctrl-C);
+* exit status 1, ``error: <Type>: ... (unexpected; run again with --debug ...)``: anything else,
+  which is a bug or an environment problem worth reporting.
 """
 from __future__ import annotations
 
@@ -105,8 +110,11 @@ def cmd_quantize(a) -> dict:
     out = Path(a.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise AwqNbError(f"output folder {out} already exists and is not empty: choose a new --out or delete it.")
+    _check_device(a.device)
     t0 = time.perf_counter()
     model, tok = load_model(a.model, dtype=a.dtype, device="cpu", trust_remote_code=a.trust_remote_code)
+    if config.w_bit == 4 and config.zero_point and not a.fake_quant:
+        _check_packable_settings(model, config)  # before the search, not after it
     blocks = calibration_blocks(tok, a.calib, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)
     peaks = {"loaded": peak_rss_bytes(), "blocks": []}  # the process's peak RSS so far, by stage
     bar = tqdm_progress()
@@ -156,10 +164,43 @@ def cmd_quantize(a) -> dict:
     return summary
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AwqNbError(f"--device {device}, but no CUDA GPU is visible to torch ({torch.__version__}); use --device cpu, "
+                         "or install a CUDA build of torch on a machine with a GPU.")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise AwqNbError(f"--device {device!r} is not supported: use cpu or cuda (cuda:N).")
+
+
+def _check_packable_settings(model, config: AWQConfig) -> None:
+    """The AutoAWQ "gemm" format's limits, checked against this model before a long search, with
+    only the group sizes that fit every quantized Linear suggested."""
+    import math
+
+    from .arch import find_quantizable, weight_nk
+    from .packing import check_format
+    from .quantizer import fitting_group_sizes
+
+    widths = [weight_nk(m).shape[1] for m in find_quantizable(model).values()]
+    fits = fitting_group_sizes(math.gcd(*widths)) if widths else []
+    use = " / ".join(map(str, fits)) or "(none fits)"
+    if config.group_size == -1:
+        raise AwqNbError(f"--group-size -1 (per-channel) cannot be stored in an AWQ 'gemm' checkpoint, which has one "
+                         f"numeric group size. For this model use --group-size {use}, or add --fake-quant to write a "
+                         "fake-quantized floating-point folder.")
+    check_format(config.w_bit, config.group_size, config.zero_point, name=f"--group-size {config.group_size}")
+    if config.group_size not in fits and not config.skip_indivisible:
+        raise AwqNbError(f"--group-size {config.group_size} does not divide every quantized Linear's in_features "
+                         f"({sorted(set(widths))}); use {use}, or add --skip-indivisible.")
+
+
 def cmd_eval(a) -> dict:
     from . import load_model
     from .evaluate import perplexity
 
+    _check_device(a.device)
     t0 = time.perf_counter()
     model, tok = load_model(a.model, dtype=a.dtype, device=a.device, trust_remote_code=a.trust_remote_code)
     r = perplexity(model, tok, data=a.data, seqlen=a.seqlen, max_windows=a.max_windows)
@@ -170,6 +211,7 @@ def cmd_demo(a) -> dict:
     from . import load_model
     from .compare import compare_methods, format_table
 
+    _check_device(a.device)
     model, tok = load_model(a.model, device=a.device)
     rows = compare_methods(model, tok, [AWQConfig(w_bit=a.w_bit, group_size=a.group_size)], n_samples=a.n_samples,
                            seqlen=a.seqlen, max_windows=a.windows, device=a.device)
@@ -177,15 +219,30 @@ def cmd_demo(a) -> dict:
     return {"model": a.model, "rows": rows}
 
 
+USER_ERRORS = (AwqNbError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         summary = {"quantize": cmd_quantize, "eval": cmd_eval, "demo": cmd_demo}[args.cmd](args)
-    except (AwqNbError, FileNotFoundError) as e:
+    except USER_ERRORS as e:  # the input's fault: the message names it and the fix
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("error: interrupted (nothing half-written was left in the output folder)", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug or an environment problem: still one line, with the way to see more
+        if args.debug:
+            raise
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        print(f"error: {type(e).__name__}: {first} (unexpected; run again with --debug for the traceback, "
+              "and report it if the input looks right)", file=sys.stderr)
+        return 1
     print(json.dumps(summary))
     return 0
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import warnings
 from pathlib import Path
 
 import torch
@@ -140,6 +141,9 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+MIN_CALIB_TOKENS = 4096  # below this a calibration set is a demo, not a quantization (warned)
+
+
 def calibration_blocks(tokenizer, source="sotu", n_samples: int = 128, seqlen: int = 512, seed: int = 0) -> torch.Tensor:
     """``n_samples`` windows of ``seqlen`` tokens, ``LongTensor [n_samples, seqlen]``, seeded.
 
@@ -147,6 +151,10 @@ def calibration_blocks(tokenizer, source="sotu", n_samples: int = 128, seqlen: i
     """
     if n_samples < 1 or seqlen < 2:
         raise AwqNbError(f"n_samples={n_samples} and seqlen={seqlen} must be at least 1 and 2.")
+    if n_samples * seqlen < MIN_CALIB_TOKENS:
+        warnings.warn(f"{n_samples} x {seqlen} = {n_samples * seqlen} calibration tokens is below {MIN_CALIB_TOKENS}: "
+                      "the searched scales and clips will be noisy (fine for a demo; the paper's setting is 128 x 512).",
+                      stacklevel=2)
     stream = token_stream(tokenizer, load_texts(source, "calib"))
     windows = _windows(tokenizer, stream, seqlen)
     n_windows = windows.shape[0]

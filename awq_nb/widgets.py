@@ -242,10 +242,11 @@ class AWQApp:
                                 else CALIB_SOURCES[0], description="Calibration text", style=wide)
         self.calib_text = w.Text(value="" if d["calib"] in CALIB_SOURCES else d["calib"],
                                  description="or text file", placeholder="path to a .txt file", style=wide)
-        self.n_samples = w.BoundedIntText(value=d["n_samples"], min=1, max=4096, description="Samples", style=wide)
-        self.seqlen = w.BoundedIntText(value=d["seqlen"], min=16, max=8192, description="Sequence length", style=wide)
-        self.eval_windows = w.BoundedIntText(value=d["eval_windows"], min=1, max=10000,
-                                             description="Eval windows", style=wide)
+        # IntText, not BoundedIntText: a bounded box silently clamps 0 to 1; settings_from_values
+        # rejects out-of-range numbers with a message instead.
+        self.n_samples = w.IntText(value=d["n_samples"], description="Samples", style=wide)
+        self.seqlen = w.IntText(value=d["seqlen"], description="Sequence length", style=wide)
+        self.eval_windows = w.IntText(value=d["eval_windows"], description="Eval windows", style=wide)
         devices = _devices() if devices is None else devices
         self.device = w.Dropdown(options=devices, value=devices[0], description="Device", style=wide)
         self.run_button = w.Button(description="Run", button_style="primary", icon="play")

@@ -26,8 +26,11 @@ def test_help_lists_options():
         (["quantize", "no-such-org/no-such-model", "--out", "{out}"], "bundled offline model: gemma3-270m, smollm2-135m"),
         (["quantize", "smollm2-135m", "--out", "{out}", "--w-bit", "9"], "w_bit=9 is not supported"),
         (["quantize", "smollm2-135m", "--out", "{out}", "--group-size", "100"], "group_size=100 is not supported"),
-        (["quantize", "smollm2-135m", "--out", "{out}", "--calib", "/nonexistent/calib.txt"], "nor an existing file"),
-        (["quantize", "smollm2-135m", "--out", "{out}", "--group-size", "256"], "in_features=576, not a multiple of group_size=256"),
+        (["quantize", "smollm2-135m", "--out", "{out}", "--group-size", "64", "--calib", "/nonexistent/calib.txt"], "nor an existing file"),
+        (["quantize", "smollm2-135m", "--out", "{out}", "--group-size", "256"], "does not divide every quantized Linear's in_features ([576, 1536]); use 32 / 64"),
+        (["quantize", "smollm2-135m", "--out", "{out}", "--group-size", "-1"], "For this model use --group-size 32 / 64"),
+        (["quantize", "smollm2-135m", "--out", "{out}", "--device", "cuda"], "no CUDA GPU is visible"),
+        (["quantize", "smollm2-136m", "--out", "{out}"], "did you mean the bundled 'smollm2-135m'"),
         (["eval", "/nonexistent/model/dir"], "does not exist"),
     ],
 )

@@ -261,3 +261,11 @@ def test_default_folder_is_fresh_and_saving_never_replaces(tmp_path, monkeypatch
     app.run()
     assert app.out_dir.value == "mine"
     assert widgets.fresh_folder(str(tmp_path / "empty-or-missing")) == str(tmp_path / "empty-or-missing")
+
+
+def test_out_of_range_numbers_are_reported_not_clamped():
+    app = _app(runner=lambda s, p: widgets.RunOutcome(rows=ROWS))
+    app.n_samples.value = 0
+    assert app.n_samples.value == 0  # the box keeps what was typed
+    assert app.run() is None
+    assert "Calibration samples = 0" in app.message.value and "at least 1" in app.message.value

@@ -1,0 +1,98 @@
+"""Bad input gets a clear error that names the problem and the fix, and nothing is silently wrong.
+
+Library-level checks on tiny models (fast); the CLI's exit codes for them are in test_cli.py.
+"""
+import json
+import warnings
+
+import pytest
+import torch
+
+from awq_nb import AWQConfig, check_model, load_model
+from awq_nb.cli import main as cli_main
+from awq_nb.errors import AwqNbError
+from awq_nb.evaluate import perplexity
+from awq_nb.models import _check_local_folder, check_seqlen
+from awq_nb.wqlinear import replace_with_wqlinear
+from tiny_models import tiny_model
+
+
+def _folder(tmp_path, config: dict):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return str(tmp_path)
+
+
+def test_other_quantization_formats_are_named_with_what_reads_them(tmp_path):
+    path = _folder(tmp_path, {"model_type": "llama", "quantization_config": {"quant_method": "gptq", "bits": 4}})
+    with pytest.raises(AwqNbError, match="gptq checkpoint, not AWQ.*optimum"):
+        load_model(path)
+
+
+def test_encoder_decoder_is_refused_before_loading(tmp_path):
+    path = _folder(tmp_path, {"model_type": "t5", "d_model": 64})
+    with pytest.raises(AwqNbError, match="'t5' is not a causal LM"):
+        load_model(path)
+
+
+def test_ignored_custom_code_is_said(tmp_path):
+    path = _folder(tmp_path, {"model_type": "llama", "auto_map": {"AutoModelForCausalLM": "modeling.MyLlama"}})
+    with pytest.warns(UserWarning, match="custom code .auto_map. that is ignored"):
+        _check_local_folder(path, trust_remote_code=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_local_folder(path, trust_remote_code=True)
+
+
+def test_bundled_name_typo_is_caught_at_once():
+    with pytest.raises(AwqNbError, match="did you mean the bundled 'smollm2-135m'"):
+        load_model("smollm2-136m")
+
+
+def test_nan_in_a_norm_weight_is_an_error():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[3] = float("nan")
+    with pytest.raises(AwqNbError, match="input_layernorm.weight has NaN"):
+        check_model(model, AWQConfig(group_size=32))
+
+
+def test_an_already_quantized_model_is_named_so():
+    model = tiny_model("llama")
+    replace_with_wqlinear(model, AWQConfig(group_size=32))
+    with pytest.raises(AwqNbError, match="already AWQ-quantized"):
+        check_model(model, AWQConfig(group_size=32))
+
+
+def test_seqlen_beyond_learned_positions_is_an_error_and_beyond_rotary_a_warning():
+    gpt2 = tiny_model("gpt2")
+    limit = gpt2.config.n_positions
+    check_seqlen(gpt2, limit)
+    with pytest.raises(AwqNbError, match=f"longer than this model's {limit} positions"):
+        check_seqlen(gpt2, limit + 1)
+    llama = tiny_model("llama")
+    with pytest.warns(UserWarning, match="max_position_embeddings"):
+        check_seqlen(llama, llama.config.max_position_embeddings + 1)
+
+
+def test_perplexity_never_reports_nan():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    windows = torch.randint(0, model.config.vocab_size, (2, 16))
+    with pytest.raises(AwqNbError, match="non-finite"):
+        perplexity(model, windows=windows)
+
+
+def test_cli_unexpected_errors_are_one_line_with_exit_1(monkeypatch, capsys, tmp_path):
+    import awq_nb.cli as cli
+
+    def boom(a):
+        raise RuntimeError("something odd\nsecond line")
+
+    monkeypatch.setattr(cli, "cmd_eval", boom)
+    assert cli_main(["eval", "whatever"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: RuntimeError: something odd (unexpected; run again with --debug for the traceback, "
+                   "and report it if the input looks right)"]
+    with pytest.raises(RuntimeError):
+        cli_main(["--debug", "eval", "whatever"])
