@@ -18,6 +18,7 @@ name, shape and dtype first.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import re
@@ -164,6 +165,17 @@ def _shards(units, max_bytes: int) -> list[list]:
     return shards
 
 
+CHECKSUM_KEY = "awq_nb_sha256"  # safetensors metadata: {tensor name: sha256 of its stored bytes}
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes as stored (any dtype; streamed from memory, no copy when contiguous)."""
+    data = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    if data.device.type != "cpu":
+        data = data.cpu()
+    return hashlib.sha256(memoryview(data.numpy())).hexdigest()
+
+
 def _looks_like_awq_checkpoint(folder: Path) -> bool:
     cfg = folder / "config.json"
     if not cfg.is_file() or not any(folder.glob("*.safetensors")):
@@ -270,7 +282,8 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, config: AWQ
                 t = t.contiguous()
                 tensors[k] = t.clone() if t.data_ptr() in seen else t
                 seen.add(t.data_ptr())
-            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            save_file(tensors, str(tmp / fname), metadata={"format": "pt", CHECKSUM_KEY: json.dumps(
+                {k: tensor_digest(t) for k, t in sorted(tensors.items())})})
             weight_map.update(dict.fromkeys(tensors, fname))
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -365,6 +378,18 @@ def _tensor_files(path: Path) -> dict[str, Path]:
     return located
 
 
+def _recorded_digests(f, file: Path) -> dict:
+    raw = (f.metadata() or {}).get(CHECKSUM_KEY)
+    if raw is None:
+        return {}
+    try:
+        digests = json.loads(raw)
+    except json.JSONDecodeError:
+        raise AwqNbError(f"{file.name}: its checksum record is damaged; the file is corrupt: fetch or save it again "
+                         "(verify=False loads it anyway).") from None
+    return digests if isinstance(digests, dict) else {}
+
+
 def _open(file: Path):
     try:
         return safe_open(str(file), framework="pt", device="cpu")
@@ -447,13 +472,19 @@ def _check_tensors(model: nn.Module, located: dict[str, Path], quant: dict, path
     return expected
 
 
-def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float16):
+def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float16,
+                   verify: bool = True):
     """Load an AWQ "gemm" checkpoint (ours or AutoAWQ's) as ``(model, tokenizer)``.
 
     Floating-point tensors (and the scales) are cast to ``dtype``; the packed ints stay int32
     (fp16 scales are exact in fp32, rounded again in bf16). The tokenizer is None when the folder
     has no tokenizer files. Raises :class:`AwqNbError` naming the
     file or tensor at fault for inconsistent or corrupt checkpoints.
+
+    ``verify``: check every tensor against the sha256 that ``save_quantized`` recorded in its
+    file's metadata (a flipped byte in a qweight would otherwise load silently and only move the
+    perplexity a little). Checkpoints written by other tools carry no checksums: they load with
+    a one-line note.
     """
     from transformers import AutoTokenizer
 
@@ -465,8 +496,12 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     model = _build_empty(path, quant, dtype)
     expected = _check_tensors(model, located, quant, path)
     device = torch.device(device)
+    unverified = []
     for file in sorted(set(located[k] for k in expected if k in located)):
         f = _open(file)
+        digests = _recorded_digests(f, file) if verify else {}
+        if verify and not digests:
+            unverified.append(file.name)
         state = {}
         for key in f.keys():
             if key not in expected:
@@ -476,8 +511,14 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
             except SafetensorError as e:
                 raise AwqNbError(f"{file.name}: cannot read tensor {key!r} ({e}); the file is corrupt: "
                                  "fetch it again.") from None
+            if key in digests and tensor_digest(t) != digests[key]:
+                raise AwqNbError(f"{file.name}: tensor {key!r} does not match the checksum recorded when it was saved; "
+                                 "the file is corrupt: fetch or save it again (verify=False loads it anyway).")
             state[key] = (t.to(dtype) if t.is_floating_point() else t).to(device)
         model.load_state_dict(state, strict=False, assign=True)
+    if unverified:
+        warnings.warn(f"{path}: no checksums in {', '.join(unverified[:3])} (written by another tool): loaded unverified.",
+                      stacklevel=2)
     model.tie_weights()
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if left:

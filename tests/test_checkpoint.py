@@ -160,7 +160,9 @@ def test_files_and_config(saved):
     assert AwqConfig.from_dict(parsed.quantization_config).format == "gemm"
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
-        assert f.metadata() == {"format": "pt"}
+        meta = f.metadata()
+        assert meta["format"] == "pt" and set(meta) == {"format", ckpt.CHECKSUM_KEY}
+        assert set(json.loads(meta[ckpt.CHECKSUM_KEY])) == set(f.keys())  # a checksum for every tensor
         qw = f.get_slice("model.layers.0.mlp.down_proj.qweight")
         assert (qw.get_dtype(), qw.get_shape()) == ("I32", [256, 128 // 8])
         assert f.get_slice("model.layers.0.mlp.down_proj.qzeros").get_shape() == [256 // G, 16]
@@ -550,3 +552,21 @@ def test_smollm2_roundtrip(tmp_path):
     # end of the prompt on picks the next token of `seq` (teacher forcing: one forward instead of 16).
     p = prompt.shape[1]
     assert torch.equal(got[0, p - 1:-1].argmax(-1), seq[0, p:])
+
+
+def _flip_byte_in(file, tensor: str):
+    """Flip one byte in the middle of ``tensor``'s data inside a safetensors file."""
+    raw = bytearray(file.read_bytes())
+    header_len = int.from_bytes(raw[:8], "little")
+    start, end = json.loads(raw[8:8 + header_len])[tensor]["data_offsets"]
+    raw[8 + header_len + (start + end) // 2] ^= 0x10
+    file.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("tensor", ["model.layers.0.self_attn.q_proj.qweight", "model.embed_tokens.weight"])
+def test_a_flipped_byte_is_caught_at_load(tmp_path, saved, tensor):
+    path = _copy(saved["out"], tmp_path / "ck")
+    _flip_byte_in(path / "model.safetensors", tensor)
+    with pytest.raises(AwqNbError, match=f"model.safetensors: tensor '{tensor}' does not match the checksum"):
+        load_quantized(path)
+    load_quantized(path, verify=False)  # the escape hatch: loads, unverified
