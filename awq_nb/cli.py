@@ -30,6 +30,7 @@ def _peak_memory(device: str) -> int:
     return peak_rss_bytes()
 
 
+SEARCH_FILE = "awq_search.safetensors"
 CONFIG_DEFAULTS = AWQConfig()  # the quantize flags that mirror AWQConfig take their defaults from it
 
 
@@ -68,7 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--search-samples", type=int, default=c.search_samples, help="calibration sequences used by the scale-search loss (default %(default)s)")
     q.add_argument("--skip-indivisible", action="store_true", help="keep Linears whose in_features the group size does not divide in floating point")
     q.add_argument("--fake-quant", action="store_true", help="write a fake-quantized floating-point folder even for 4 bits")
+    q.add_argument("--save-search", choices=["beside", "inside", "no"], default="beside",
+                   help="where the search results go (safetensors + JSON, no pickle): beside the output folder as "
+                        "OUT.awq_search.safetensors (default), inside it as awq_search.safetensors (then shared with "
+                        "the model), or not at all")
     q.add_argument("--trust-remote-code", action="store_true")
+    q.add_argument("--allow-pickle", action="store_true",
+                   help="load pytorch_model.bin (pickle) weights; only for files you trust: unpickling can run code")
 
     e = sub.add_parser("eval", help="perplexity of a model or quantized folder")
     e.add_argument("model", help="bundled name, hub id, HF folder (fp or AWQ checkpoint) or .gguf file")
@@ -77,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    e.add_argument("--allow-pickle", action="store_true",
+                   help="load pytorch_model.bin (pickle) weights; only for files you trust: unpickling can run code")
     e.add_argument("--trust-remote-code", action="store_true")
     d = sub.add_parser("demo", help="fp vs round-to-nearest vs AWQ on one model, printed as a table (offline by default)")
     d.add_argument("model", nargs="?", default="smollm2-135m")
@@ -112,7 +121,8 @@ def cmd_quantize(a) -> dict:
         raise AwqNbError(f"output folder {out} already exists and is not empty: choose a new --out or delete it.")
     _check_device(a.device)
     t0 = time.perf_counter()
-    model, tok = load_model(a.model, dtype=a.dtype, device="cpu", trust_remote_code=a.trust_remote_code)
+    model, tok = load_model(a.model, dtype=a.dtype, device="cpu", trust_remote_code=a.trust_remote_code,
+                            allow_pickle=a.allow_pickle)
     if config.w_bit == 4 and config.zero_point and not a.fake_quant:
         _check_packable_settings(model, config)  # before the search, not after it
     blocks = calibration_blocks(tok, a.calib, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)
@@ -144,7 +154,8 @@ def cmd_quantize(a) -> dict:
             model.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
             fmt = "fake-quant"
-        result.save(tmp / "awq_search.pt")
+        if a.save_search == "inside":
+            result.save(tmp / SEARCH_FILE)
         summary = {
             "out": str(out), "format": fmt, "model": a.model, "config": config.tag,
             "seconds": round(seconds, 2), "total_seconds": round(time.perf_counter() - t0, 2),
@@ -161,6 +172,10 @@ def cmd_quantize(a) -> dict:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    if a.save_search == "beside":
+        summary["search"] = str(result.save(out.parent / f"{out.name}.{SEARCH_FILE}"))
+    elif a.save_search == "inside":
+        summary["search"] = str(out / SEARCH_FILE)
     return summary
 
 
@@ -202,7 +217,8 @@ def cmd_eval(a) -> dict:
 
     _check_device(a.device)
     t0 = time.perf_counter()
-    model, tok = load_model(a.model, dtype=a.dtype, device=a.device, trust_remote_code=a.trust_remote_code)
+    model, tok = load_model(a.model, dtype=a.dtype, device=a.device, trust_remote_code=a.trust_remote_code,
+                            allow_pickle=a.allow_pickle)
     r = perplexity(model, tok, data=a.data, seqlen=a.seqlen, max_windows=a.max_windows)
     return {"model": a.model, "data": a.data, "seqlen": a.seqlen, **r, "seconds": round(time.perf_counter() - t0, 2)}
 

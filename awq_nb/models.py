@@ -297,6 +297,19 @@ def _check_causal_lm(path: str, cfg: dict, trust_remote_code: bool) -> None:
                      "supported).")
 
 
+def _check_pickle_only(folder: Path, allow_pickle: bool) -> None:
+    """A folder with pickled weights only: say how to convert it, or how to opt in."""
+    if allow_pickle or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    if pickles:
+        raise AwqNbError(
+            f"{folder} has only pickled weights ({', '.join(pickles[:3])}), which awq-nb does not load by default "
+            "(unpickling can run code). If you trust them, convert once: python -c \"from transformers import "
+            f"AutoModelForCausalLM as M; M.from_pretrained('{folder}', use_safetensors=False)"
+            ".save_pretrained('OUT')\" (and copy the tokenizer files), or pass allow_pickle=True (CLI --allow-pickle).")
+
+
 def position_limit(model) -> tuple[int | None, bool]:
     """``(limit, hard)``: the most positions the model knows, and whether exceeding it breaks the
     model (learned position embeddings: an index error) or only degrades it (rotary: a warning)."""
@@ -320,12 +333,14 @@ def check_seqlen(model, seqlen: int, what: str = "seqlen") -> None:
                   "length are unreliable.", stacklevel=3)
 
 
-def load_model(name_or_path: str, dtype="float32", device="cpu", trust_remote_code: bool = False):
+def load_model(name_or_path: str, dtype="float32", device="cpu", trust_remote_code: bool = False,
+               allow_pickle: bool = False):
     """Load ``(model, tokenizer)`` in eval mode.
 
     ``name_or_path``: a bundled name (``smollm2-135m``, ``gemma3-270m``), a hub id, a local HF
     folder (an AWQ INT4 checkpoint loads with :func:`awq_nb.load_quantized`), or a ``.gguf`` file.
-    Safetensors only (no unpickling); remote code runs only with ``trust_remote_code=True``.
+    Safetensors only (no unpickling) unless ``allow_pickle=True`` for a ``pytorch_model.bin``
+    you trust (a pickle can run code when loaded); remote code runs only with ``trust_remote_code=True``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -335,15 +350,20 @@ def load_model(name_or_path: str, dtype="float32", device="cpu", trust_remote_co
         from .checkpoint import load_quantized
 
         return load_quantized(path, device=device, dtype=torch_dtype)
-    if Path(path).exists():
+    local = Path(path).exists()
+    if local:
         _check_local_folder(path, trust_remote_code)
+        _check_pickle_only(Path(path), allow_pickle)
+    if allow_pickle:
+        warnings.warn(f"allow_pickle=True: {name_or_path} may be loaded from pickle files, which can run code; "
+                      "only do this for files you trust.", stacklevel=2)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+            path, dtype=torch_dtype, use_safetensors=None if allow_pickle else True, trust_remote_code=trust_remote_code
         )
     except OSError as e:
-        if Path(path).exists():
+        if local:
             raise AwqNbError(f"could not load {path}: {e}. The folder needs config.json, tokenizer files and *.safetensors weights.") from e
         offline = " Offline mode is on (HF_HUB_OFFLINE=1), so the hub was not asked." if os.environ.get(
             "HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on") else ""

@@ -3,13 +3,56 @@
 Search returns these records; applying them to a model is a separate step
 (:func:`awq_nb.apply_awq`), and plots only read them. All tensors are fp32 on the CPU, so a
 result can be saved with :meth:`AWQResult.save` and loaded in another session.
+
+The file is safetensors (no pickle, so hub scanners and ``weights_only`` loaders are happy): the
+tensors under keys such as ``scales.3.scales``, everything else as JSON in the metadata key
+``awq_nb_result``. :meth:`AWQResult.load` also reads the ``torch.save`` files of earlier versions,
+with ``weights_only=True``.
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+RESULT_KEY = "awq_nb_result"
+
+
+def _encode(value, key: str, tensors: dict):
+    """JSON-able ``value`` with every tensor moved into ``tensors[key...]`` and left as a reference."""
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        return {k: _encode(v, f"{key}.{k}", tensors) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]
+    if isinstance(value, float) and value != value:
+        return {"__float__": "nan"}
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return {"__float__": "inf" if value > 0 else "-inf"}
+    return value
+
+
+def _decode(value, tensors: dict):
+    if isinstance(value, dict):
+        if set(value) == {"__tensor__"}:
+            return tensors[value["__tensor__"]]
+        if set(value) == {"__float__"}:
+            return float(value["__float__"])
+        return {k: _decode(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    return value
+
+
+def _is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30
 
 
 @dataclass
@@ -95,23 +138,42 @@ class AWQResult:
     layer_errors: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
 
-    def save(self, path: str | Path) -> None:
-        torch.save(
-            {
-                "config": self.config,
-                "model_name": self.model_name,
-                "scales": [asdict(r) for r in self.scales],
-                "clips": [asdict(r) for r in self.clips],
-                "saliency": {k: asdict(v) for k, v in self.saliency.items()},
-                "layer_errors": self.layer_errors,
-                "seconds": self.seconds,
-            },
-            path,
-        )
+    def _as_dict(self) -> dict:
+        return {
+            "config": self.config,
+            "model_name": self.model_name,
+            "scales": [asdict(r) for r in self.scales],
+            "clips": [asdict(r) for r in self.clips],
+            "saliency": {k: asdict(v) for k, v in self.saliency.items()},
+            "layer_errors": self.layer_errors,
+            "seconds": self.seconds,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the result as one safetensors file (``.safetensors`` is the usual suffix); the
+        file appears whole or not at all."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors: dict = {}
+        meta = _encode(self._as_dict(), "r", tensors)
+        tmp = path.with_name(f".{path.name}.partial")
+        save_file(tensors, str(tmp), metadata={RESULT_KEY: json.dumps(meta), "format": "pt"})
+        os.replace(tmp, path)
+        return path
 
     @classmethod
     def load(cls, path: str | Path) -> "AWQResult":
-        d = torch.load(path, map_location="cpu", weights_only=True)
+        """Read a file written by :meth:`save`, or an earlier version's ``torch.save`` file (weights only)."""
+        path = Path(path)
+        if _is_safetensors(path):
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                d = _decode(json.loads(f.metadata()[RESULT_KEY]), tensors)
+        else:
+            d = torch.load(path, map_location="cpu", weights_only=True)
         return cls(
             config=d["config"],
             model_name=d["model_name"],

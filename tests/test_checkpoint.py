@@ -27,6 +27,7 @@ from awq_nb.config import AWQConfig
 from awq_nb.errors import AwqNbError
 from awq_nb.quantizer import dequantize_int, pseudo_quantize, quant_params, quantize_int
 from awq_nb.wqlinear import WQLinear, replace_with_wqlinear
+from tiny_models import tiny_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -52,15 +53,6 @@ def tiny_llama(tie=True, bias=False, intermediate=256, seed=0):
         for p in model.parameters():  # larger than the default init, and fp16-representable
             p.copy_((p * 4).half().float())
     return model
-
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(256)}, unk_token="t0"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0", eos_token="t1")
 
 
 def fake_quant(model, group_size=G, fp16_scales=False, skip=()):

@@ -67,8 +67,9 @@ def test_quantize_then_eval(tmp_path, smollm2):
     stages = s["peak_rss_bytes_by_stage"]  # one peak after loading, after each of the 30 blocks, after saving
     peaks = [stages["loaded"], *stages["blocks"], stages["saved"]]
     assert len(stages["blocks"]) == 30 and peaks == sorted(peaks) and peaks[-1] == s["peak_memory_bytes"]
-    assert (out / "awq_search.pt").exists() and (out / "config.json").exists()
-    found = awq_nb.AWQResult.load(out / "awq_search.pt")  # the default clips min and max apart, rows as a whole
+    assert (out / "config.json").exists() and not list(out.glob("awq_search*"))  # nothing pickled, nothing extra
+    assert s["search"] == str(tmp_path / "q.awq_search.safetensors")  # beside the shared folder, not in it
+    found = awq_nb.AWQResult.load(s["search"])  # the default clips min and max apart, rows as a whole
     assert found.config["asym_clip"] and found.clips and all(c.min_val is not None for c in found.clips)
     assert found.config["clip_sweeps"] == 2 and all(c.loss_after <= c.loss_before for c in found.clips)
     assert (found.config["n_grid"], found.config["clip_grid"]) == (10, 10)  # the grid flags reach the search

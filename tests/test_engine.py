@@ -126,13 +126,23 @@ def test_result_save_load_apply_roundtrip(tmp_path):
     model = tiny_model("qwen3")
     cfg = awq_nb.AWQConfig(w_bit=4, group_size=32, n_grid=4)
     res = awq_nb.search(model, _calib(), cfg, progress=lambda *a: None)
-    res.save(tmp_path / "r.pt")
-    loaded = awq_nb.AWQResult.load(tmp_path / "r.pt")
-    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    res.save(tmp_path / "r.safetensors")
+    assert (tmp_path / "r.safetensors").read_bytes()[8:9] == b"{"  # safetensors, not a pickle
+    loaded = awq_nb.AWQResult.load(tmp_path / "r.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["r.safetensors"]
+    # the torch.save files of earlier versions still load (weights_only=True)
+    torch.save(res._as_dict(), tmp_path / "old.pt")
+    legacy = awq_nb.AWQResult.load(tmp_path / "old.pt")
+    assert legacy.layer_errors == res.layer_errors and loaded.layer_errors == res.layer_errors
+    assert [r.losses for r in loaded.scales] == [r.losses for r in res.scales]  # inf and nan survive JSON
+    assert [r.pruned for r in loaded.scales] == [r.pruned for r in res.scales]
+    assert all(torch.equal(x.max_val, y.max_val) for x, y in zip(loaded.clips, res.clips))
+    a, b, c = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
     awq_nb.apply_awq(a, res)
     awq_nb.apply_awq(b, loaded)
-    for (k, v), (_, u) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(v, u), k
+    awq_nb.apply_awq(c, legacy)
+    for (k, v), (_, u), (_, w) in zip(a.state_dict().items(), b.state_dict().items(), c.state_dict().items()):
+        assert torch.equal(v, u) and torch.equal(v, w), k
 
 
 def test_progress_callback_sees_every_block():

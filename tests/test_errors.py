@@ -14,7 +14,7 @@ from awq_nb.errors import AwqNbError
 from awq_nb.evaluate import perplexity
 from awq_nb.models import _check_local_folder, check_seqlen
 from awq_nb.wqlinear import replace_with_wqlinear
-from tiny_models import tiny_model
+from tiny_models import tiny_model, tiny_tokenizer
 
 
 def _folder(tmp_path, config: dict):
@@ -96,3 +96,15 @@ def test_cli_unexpected_errors_are_one_line_with_exit_1(monkeypatch, capsys, tmp
                    "and report it if the input looks right)"]
     with pytest.raises(RuntimeError):
         cli_main(["--debug", "eval", "whatever"])
+
+
+def test_pickle_only_folders_say_how_to_convert_or_opt_in(tmp_path):
+    model = tiny_model("llama")
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # what older hub repositories hold
+    with pytest.raises(AwqNbError, match="only pickled weights .*convert once.*allow_pickle=True"):
+        load_model(str(tmp_path))
+    tiny_tokenizer().save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="can run code"):
+        loaded, _ = load_model(str(tmp_path), allow_pickle=True)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)

@@ -38,3 +38,13 @@ def tiny_model(family: str, seed: int = 0, hidden: int = 64, layers: int = 2):
             else:
                 p.mul_(1.0 + 0.5 * torch.rand_like(p))
     return model
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over ``t0 .. t255`` (no downloads), for checkpoints and folders."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(256)}, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0", eos_token="t1")
