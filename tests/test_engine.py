@@ -155,7 +155,7 @@ def test_progress_callback_sees_every_block():
 def test_nan_weights_and_indivisible_layers_are_named():
     model = tiny_model("llama_mha")
     weight_nk(model.model.layers[1].mlp.down_proj)[0, 0] = float("nan")
-    with pytest.raises(awq_nb.AwqNbError, match=r"model\.layers\.1\.mlp\.down_proj has NaN"):
+    with pytest.raises(awq_nb.AwqNbError, match=r"model\.layers\.1\.mlp\.down_proj\.weight has NaN"):
         awq_nb.search(model, _calib(), awq_nb.AWQConfig(group_size=32), progress=lambda *a: None)
     model = tiny_model("llama_mha")  # in_features 64 and 128
     with pytest.raises(awq_nb.AwqNbError, match=r"q_proj has in_features=64, not a multiple of group_size=256.*skip_indivisible"):
