@@ -39,6 +39,7 @@ from .config import AWQConfig
 from .errors import AwqNbError
 from .kernels.layout import PACK_FACTOR
 from .packing import SCALE_DTYPE, check_format, pack_linear
+from .progress import Progress, silent
 from .quantizer import quant_params
 from .wqlinear import WQLinear, matches_any, prepare_native, select_modules
 
@@ -247,7 +248,8 @@ def _commit(tmp: Path, out: Path) -> None:
 
 
 def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, config: AWQConfig | None = None,
-                   max_shard_size: int | str = "2GB", dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+                   max_shard_size: int | str = "2GB", dtype: torch.dtype | None = None, overwrite: bool = False,
+                   progress: Progress | None = None) -> Path:
     """Write ``model`` as an AWQ "gemm" checkpoint in ``out_dir`` and return its path.
 
     Linears that are already :class:`WQLinear` are written as they are; with ``config``, the
@@ -258,6 +260,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, config: AWQ
 
     ``out_dir`` must be missing or empty, unless ``overwrite=True``: then the checkpoint's files
     replace their namesakes, stale shards of an earlier checkpoint go, and every other file stays.
+    ``progress(done, total, desc)`` hears of every shard (default: nothing shown).
     """
     out = Path(out_dir)
     _check_target(out, overwrite)
@@ -271,7 +274,9 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, config: AWQ
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         weight_map, total = {}, 0
+        progress = progress or silent
         for i, shard in enumerate(shards):
+            progress(i, len(shards), f"packing and writing shard {i + 1}/{len(shards)}")
             fname = WEIGHTS_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             tensors = {}
             for sizes, produce in shard:
@@ -297,6 +302,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, config: AWQ
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _commit(tmp, out)
+        progress(len(shards), len(shards), f"saved {out}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -473,7 +479,7 @@ def _check_tensors(model: nn.Module, located: dict[str, Path], quant: dict, path
 
 
 def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float16,
-                   verify: bool = True):
+                   verify: bool = True, progress: Progress | None = None):
     """Load an AWQ "gemm" checkpoint (ours or AutoAWQ's) as ``(model, tokenizer)``.
 
     Floating-point tensors (and the scales) are cast to ``dtype``; the packed ints stay int32
@@ -484,7 +490,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     ``verify``: check every tensor against the sha256 that ``save_quantized`` recorded in its
     file's metadata (a flipped byte in a qweight would otherwise load silently and only move the
     perplexity a little). Checkpoints written by other tools carry no checksums: they load with
-    a one-line note.
+    a one-line note. ``progress(done, total, desc)`` hears of every file (default: nothing shown).
     """
     from transformers import AutoTokenizer
 
@@ -497,7 +503,10 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     expected = _check_tensors(model, located, quant, path)
     device = torch.device(device)
     unverified = []
-    for file in sorted(set(located[k] for k in expected if k in located)):
+    progress = progress or silent
+    files = sorted(set(located[k] for k in expected if k in located))
+    for n_done, file in enumerate(files):
+        progress(n_done, len(files), f"reading {file.name}" + (" (verifying checksums)" if verify else ""))
         f = _open(file)
         digests = _recorded_digests(f, file) if verify else {}
         if verify and not digests:
@@ -516,6 +525,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
                                  "the file is corrupt: fetch or save it again (verify=False loads it anyway).")
             state[key] = (t.to(dtype) if t.is_floating_point() else t).to(device)
         model.load_state_dict(state, strict=False, assign=True)
+    progress(len(files), len(files), f"read {len(files)} file(s)")
     if unverified:
         warnings.warn(f"{path}: no checksums in {', '.join(unverified[:3])} (written by another tool): loaded unverified.",
                       stacklevel=2)

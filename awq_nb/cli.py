@@ -20,6 +20,7 @@ from pathlib import Path
 from .config import AWQConfig
 from .errors import AwqNbError
 from .memory import peak_rss_bytes, trim
+from .progress import console_progress
 
 
 def _peak_memory(device: str) -> int:
@@ -122,7 +123,7 @@ def cmd_quantize(a) -> dict:
     _check_device(a.device)
     t0 = time.perf_counter()
     model, tok = load_model(a.model, dtype=a.dtype, device="cpu", trust_remote_code=a.trust_remote_code,
-                            allow_pickle=a.allow_pickle)
+                            allow_pickle=a.allow_pickle, progress=console_progress("load", "file"))
     if config.w_bit == 4 and config.zero_point and not a.fake_quant:
         _check_packable_settings(model, config)  # before the search, not after it
     blocks = calibration_blocks(tok, a.calib, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)
@@ -130,7 +131,8 @@ def cmd_quantize(a) -> dict:
     bar = tqdm_progress()
 
     def progress(done: int, total: int, desc: str) -> None:
-        peaks["blocks"].append(peak_rss_bytes())
+        if done > len(peaks["blocks"]):  # block done - 1 has finished
+            peaks["blocks"].append(peak_rss_bytes())
         bar(done, total, desc)
 
     t_search = time.perf_counter()
@@ -144,7 +146,8 @@ def cmd_quantize(a) -> dict:
         if packed:
             from .checkpoint import save_quantized
 
-            save_quantized(model, tok, tmp / "model", config=config, overwrite=True)
+            save_quantized(model, tok, tmp / "model", config=config, overwrite=True,
+                           progress=console_progress("save", "shard"))
             for f in (tmp / "model").iterdir():
                 f.rename(tmp / f.name)
             (tmp / "model").rmdir()
@@ -218,8 +221,9 @@ def cmd_eval(a) -> dict:
     _check_device(a.device)
     t0 = time.perf_counter()
     model, tok = load_model(a.model, dtype=a.dtype, device=a.device, trust_remote_code=a.trust_remote_code,
-                            allow_pickle=a.allow_pickle)
-    r = perplexity(model, tok, data=a.data, seqlen=a.seqlen, max_windows=a.max_windows)
+                            allow_pickle=a.allow_pickle, progress=console_progress("load", "file"))
+    r = perplexity(model, tok, data=a.data, seqlen=a.seqlen, max_windows=a.max_windows,
+                   progress=console_progress("eval", "window"))
     return {"model": a.model, "data": a.data, "seqlen": a.seqlen, **r, "seconds": round(time.perf_counter() - t0, 2)}
 
 

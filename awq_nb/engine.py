@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Callable
 
 import torch
 from torch import nn
@@ -23,28 +22,15 @@ from .models import check_seqlen
 from .quantizer import fitting_group_sizes, pseudo_quantize
 from .results import AWQResult, ClipRecord, ScaleRecord
 from .memory import trim
+from .progress import Progress, console_progress
 from .search import apply_clip_, clip_ratio_grid, gram_loss, search_clip, search_scales, unscaled_gram
 from .trace import BlockTrace, trace_block
 
-Progress = Callable[[int, int, str], None]
-
 
 def tqdm_progress() -> Progress:
-    """The default progress callback: a tqdm bar (created lazily on the first call)."""
-    state = {}
-
-    def cb(done: int, total: int, desc: str) -> None:
-        if "bar" not in state:
-            from tqdm.auto import tqdm
-
-            state["bar"] = tqdm(total=total, desc="AWQ")
-        bar = state["bar"]
-        bar.set_postfix_str(desc)
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-
-    return cb
+    """The default progress of the search: a bar on a terminal or in a notebook, plain lines in a log
+    (:class:`awq_nb.progress.ConsoleProgress`)."""
+    return console_progress("AWQ search", "block")
 
 
 def check_model(model: nn.Module, config: AWQConfig) -> list[str]:
@@ -278,12 +264,14 @@ def search(
     result = AWQResult(config=config.to_dict(), model_name=getattr(model.config, "_name_or_path", ""))
     was_training = model.training
     model.eval()
+    blocks = get_blocks(model, spec)
+    progress(0, len(blocks), f"capturing the inputs of block 0 ({tokens.shape[0]} x {tokens.shape[1]} tokens)")
     inp = capture_inputs(model, spec, tokens, device)
     hidden = inp.hidden
     trim()  # the capture's temporaries (awq_nb/memory.py)
-    blocks = get_blocks(model, spec)
     hints: dict = {}
     for i, block in enumerate(blocks):
+        progress(i, len(blocks), f"searching block {i + 1}/{len(blocks)}")
         home = next(block.parameters()).device
         block.to(device)
         prefix = f"{spec.blocks}.{i}"
@@ -303,7 +291,8 @@ def search(
         del tr
         trim()
         block.to(home)
-        progress(i + 1, len(blocks), f"block {i + 1}/{len(blocks)}")
+        if i + 1 == len(blocks):
+            progress(len(blocks), len(blocks), f"searched {len(blocks)} blocks in {time.perf_counter() - t0:.0f} s")
     model.train(was_training)
     result.config["modules_to_not_convert"] = keep
     result.seconds = time.perf_counter() - t0

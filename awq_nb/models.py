@@ -334,22 +334,25 @@ def check_seqlen(model, seqlen: int, what: str = "seqlen") -> None:
 
 
 def load_model(name_or_path: str, dtype="float32", device="cpu", trust_remote_code: bool = False,
-               allow_pickle: bool = False):
+               allow_pickle: bool = False, progress=None):
     """Load ``(model, tokenizer)`` in eval mode.
 
     ``name_or_path``: a bundled name (``smollm2-135m``, ``gemma3-270m``), a hub id, a local HF
     folder (an AWQ INT4 checkpoint loads with :func:`awq_nb.load_quantized`), or a ``.gguf`` file.
     Safetensors only (no unpickling) unless ``allow_pickle=True`` for a ``pytorch_model.bin``
     you trust (a pickle can run code when loaded); remote code runs only with ``trust_remote_code=True``.
+    ``progress(done, total, desc)`` hears when loading starts and ends (per file for AWQ checkpoints).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _resolve_dtype(dtype)
+    if progress is not None:
+        progress(0, 1, f"loading {name_or_path}")
     path = resolve_model_path(str(name_or_path))
     if Path(path).exists() and is_awq_checkpoint(path):
         from .checkpoint import load_quantized
 
-        return load_quantized(path, device=device, dtype=torch_dtype)
+        return load_quantized(path, device=device, dtype=torch_dtype, progress=progress)
     local = Path(path).exists()
     if local:
         _check_local_folder(path, trust_remote_code)
@@ -382,4 +385,7 @@ def load_model(name_or_path: str, dtype="float32", device="cpu", trust_remote_co
                              "AutoModelForCausalLM (encoder-decoder models such as T5 are not supported).") from None
         raise
     model.eval()
-    return model.to(device), tok
+    model = model.to(device)
+    if progress is not None:
+        progress(1, 1, f"loaded {name_or_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)")
+    return model, tok

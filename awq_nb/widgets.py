@@ -23,12 +23,13 @@ import io
 import os
 import time
 import traceback
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from .config import GROUP_SIZES, AWQConfig
 from .errors import AwqNbError
+from .progress import Progress
 
 FAST_ENV = "AWQ_NB_FAST"
 HUB_MODELS = ("HuggingFaceTB/SmolLM2-135M-Instruct", "Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B")
@@ -40,7 +41,6 @@ NORMAL_DEFAULTS = dict(model=HUB_MODELS[0], w_bit=4, group_size=64, zero_point=T
 FAST_DEFAULTS = dict(NORMAL_DEFAULTS, model="smollm2-135m", n_samples=8, seqlen=128, eval_seqlen=256,
                      eval_windows=4, n_grid=10, clip_grid=10, search_samples=8)
 
-Progress = Callable[[int, int, str], None]
 
 
 @dataclass
@@ -120,7 +120,10 @@ def run_pipeline(settings: RunSettings, progress: Progress) -> RunOutcome:
     blocks = calibration_blocks(tok, source=settings.calib, n_samples=settings.n_samples, seqlen=settings.seqlen)
     progress(2, steps, "perplexity of the floating-point model")
     ppl = dict(windows=eval_windows(tok, settings.eval_data, seqlen=settings.eval_seqlen, max_windows=settings.eval_windows))
-    rows = [{"method": "FP32", "perplexity": perplexity(model, **ppl)["perplexity"],
+    def stage(label: str) -> Progress:  # eval windows feed the same bar, labelled
+        return lambda done, total, desc="": progress(done, total, f"{label}: {desc}")
+
+    rows = [{"method": "FP32", "perplexity": perplexity(model, **ppl, progress=stage("perplexity, FP32"))["perplexity"],
              "size_bytes": model_size_bytes(model)}]
     rtn = copy.deepcopy(model)
     result = quantize(model, tok, cfg, calib=blocks, progress=progress)  # search + apply + round
@@ -128,10 +131,12 @@ def run_pipeline(settings: RunSettings, progress: Progress) -> RunOutcome:
     size = model_size_bytes(model, cfg.w_bit, cfg.group_size, cfg.zero_point, keep=tuple(keep))
     progress(3, steps, "perplexity of RTN (round-to-nearest, no scaling)")
     fake_quantize(rtn, cfg, keep=keep)
-    rows.append({"method": f"RTN {cfg.tag}", "perplexity": perplexity(rtn, **ppl)["perplexity"], "size_bytes": size})
+    rows.append({"method": f"RTN {cfg.tag}", "perplexity": perplexity(rtn, **ppl, progress=stage("perplexity, RTN"))["perplexity"],
+                 "size_bytes": size})
     del rtn
     progress(4, steps, "perplexity of AWQ")
-    rows.append({"method": f"AWQ {cfg.tag}", "perplexity": perplexity(model, **ppl)["perplexity"], "size_bytes": size})
+    rows.append({"method": f"AWQ {cfg.tag}", "perplexity": perplexity(model, **ppl, progress=stage("perplexity, AWQ"))["perplexity"],
+                 "size_bytes": size})
     progress(steps, steps, f"done in {time.perf_counter() - t0:.0f} s")
     notes = [f"kept in floating point: {', '.join(keep)}."] if keep else []
     return RunOutcome(rows=rows, result=result, model=model, tokenizer=tok, notes=notes)

@@ -78,3 +78,10 @@ def test_quantize_then_eval(tmp_path, smollm2):
     assert e.returncode == 0, e.stderr[-3000:]
     r = json.loads(e.stdout.strip().splitlines()[-1])
     assert r["windows"] == 2 and r["tokens"] == 2 * 255 and 1 < r["perplexity"] < 200
+    # a log (stderr is a pipe here) gets plain progress lines with rate and ETA, no carriage returns
+    for proc, stages in ((p, ("load", "AWQ search")), (e, ("load", "eval"))):
+        assert "\r" not in proc.stderr
+        for stage in stages:
+            assert f"[awq-nb] {stage}: " in proc.stderr, (stage, proc.stderr[-2000:])
+    search_lines = [line for line in p.stderr.splitlines() if line.startswith("[awq-nb] AWQ search: ")]
+    assert 3 <= len(search_lines) <= 13 and "ETA" in search_lines[1] and "done in" in search_lines[-1]

@@ -148,8 +148,12 @@ def test_result_save_load_apply_roundtrip(tmp_path):
 def test_progress_callback_sees_every_block():
     model = tiny_model("llama", layers=3)
     calls = []
-    awq_nb.search(model, _calib(), awq_nb.AWQConfig(group_size=32, n_grid=2), progress=lambda d, t, s: calls.append((d, t)))
-    assert calls == [(1, 3), (2, 3), (3, 3)]
+    awq_nb.search(model, _calib(), awq_nb.AWQConfig(group_size=32, n_grid=2), progress=lambda d, t, s: calls.append((d, t, s)))
+    # done counts finished blocks: the capture and block 1 start at 0, and each label names the block in work
+    assert [(d, t) for d, t, _ in calls] == [(0, 3), (0, 3), (1, 3), (2, 3), (3, 3)]
+    assert calls[0][2].startswith("capturing") and [s for _, _, s in calls[1:4]] == [
+        "searching block 1/3", "searching block 2/3", "searching block 3/3"]
+    assert calls[4][2].startswith("searched 3 blocks")
 
 
 def test_nan_weights_and_indivisible_layers_are_named():
