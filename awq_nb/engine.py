@@ -33,6 +33,16 @@ def tqdm_progress() -> Progress:
     return console_progress("AWQ search", "block")
 
 
+def check_not_quantized(model: nn.Module) -> None:
+    """An AWQ checkpoint loaded back has WQLinear layers: quantizing it again is a mistake to name."""
+    from .wqlinear import WQLinear
+
+    done = next((n for n, m in model.named_modules() if isinstance(m, WQLinear)), None)
+    if done is not None:
+        raise AwqNbError(f"the model is already AWQ-quantized ({done} is a WQLinear): quantize the original "
+                         "floating-point model instead.")
+
+
 def check_model(model: nn.Module, config: AWQConfig) -> list[str]:
     """Validate weights and shapes before any work; returns the Linears kept in floating point.
 
@@ -40,12 +50,7 @@ def check_model(model: nn.Module, config: AWQConfig) -> list[str]:
     so is a model that is already AWQ-quantized; a Linear whose in_features is not a multiple of
     the group size is an error naming it and the sizes that fit, unless ``config.skip_indivisible``.
     """
-    from .wqlinear import WQLinear
-
-    done = next((n for n, m in model.named_modules() if isinstance(m, WQLinear)), None)
-    if done is not None:
-        raise AwqNbError(f"the model is already AWQ-quantized ({done} is a WQLinear): quantize the original "
-                         "floating-point model instead.")
+    check_not_quantized(model)
     for name, t in model.named_parameters():
         if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
             raise AwqNbError(f"{name} has NaN or inf values: the checkpoint is corrupt or was saved after a diverged "

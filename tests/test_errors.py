@@ -108,3 +108,19 @@ def test_pickle_only_folders_say_how_to_convert_or_opt_in(tmp_path):
     with pytest.warns(UserWarning, match="can run code"):
         loaded, _ = load_model(str(tmp_path), allow_pickle=True)
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_offline_mode_is_said_when_the_hub_cannot_be_asked(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(AwqNbError, match="Offline mode is on .HF_HUB_OFFLINE=1."):
+        load_model("no-such-org/no-such-model")
+
+
+def test_quantizing_an_awq_checkpoint_again_is_named(tmp_path, capsys):
+    from awq_nb.checkpoint import save_quantized
+
+    model = tiny_model("llama")
+    save_quantized(model, tiny_tokenizer(), tmp_path / "ck", AWQConfig(group_size=32))
+    assert cli_main(["quantize", str(tmp_path / "ck"), "--out", str(tmp_path / "again"), "--group-size", "32"]) == 2
+    assert "already AWQ-quantized" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
