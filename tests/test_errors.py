@@ -111,7 +111,10 @@ def test_pickle_only_folders_say_how_to_convert_or_opt_in(tmp_path):
 
 
 def test_offline_mode_is_said_when_the_hub_cannot_be_asked(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # it reads the variable at import
     with pytest.raises(AwqNbError, match="Offline mode is on .HF_HUB_OFFLINE=1."):
         load_model("no-such-org/no-such-model")
 
