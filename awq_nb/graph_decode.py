@@ -125,7 +125,7 @@ class StaticDecoder:
         self.v_cache.zero_()
 
     def capture(self) -> None:
-        """Capture one step as a CUDA graph (after warm-up steps that also run the autotuners)."""
+        """Capture one step as a CUDA graph (after warm-up steps that also compile the kernels)."""
         if self.device.type != "cuda":
             raise AwqNbError("CUDA graphs need the model on a CUDA device; call generate(graph=False) on CPU.")
         self.pos.zero_()  # the warm-up and captured steps write cache rows 0..3, which any run overwrites

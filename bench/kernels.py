@@ -19,7 +19,7 @@ Bytes for GB/s are the fewest a kernel must move: activations + packed weight + 
 output for AWQ (the dense weight for ``dense``). TFLOP/s counts ``2*M*N*K``. GPU times are CUDA-graph
 replays over weight copies that overflow L2 (see :class:`Timer`), plus one eager call per row to
 show the Python launch cost; CPU times are the fastest of CPU_REPS runs. A GPU run ends with the
-fastest strategy per batch size (to place the dispatch thresholds) and the autotuned configs.
+fastest strategy per batch size (to place the dispatch thresholds) and the launch configs.
 
 Decode (batch 1, greedy): random Llama models with Llama-7B and SmolLM2-135M shapes, fp16 vs AWQ
 (decoder Linears replaced by ``WQLinear``; lm_head stays dense), through transformers' eager loop
@@ -345,7 +345,7 @@ def eager_tokens_per_s(model: nn.Module, tokens: int, device: str) -> float:
         sync(device)
         return tokens / (time.perf_counter() - start)
 
-    run()  # warm-up: autotuning and compilation happen here
+    run()  # warm-up: compilation happens here
     return statistics.median(run() for _ in range(3))
 
 

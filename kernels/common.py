@@ -69,7 +69,7 @@ def _l2_flush_buffer() -> torch.Tensor:
 def _replay_ms(body, calls: int, replays: int) -> list[float]:
     """Per-replay ms of a CUDA graph holding ``calls`` runs of ``body``. Captured with
     capture_begin/capture_end on a side stream (``torch.cuda.graph`` would also run gc.collect and
-    empty_cache for every autotune candidate)."""
+    empty_cache on every call)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
@@ -103,10 +103,10 @@ def graph_bench(fn, quantiles=None, calls: int = 20, replays: int = 7, flush_l2:
 
     Why not ``do_bench``: a Triton launch costs tens to hundreds of microseconds of Python, more
     than a decode-sized INT4 matmul runs, so eager timing measures the CPU and would make the
-    autotuner pick configs at random. Graph replay is also how serving engines run these kernels.
+    a comparison meaningless. Graph replay is also how serving engines run these kernels.
     If capturing fails (e.g. inside someone else's capture), falls back to ``do_bench``.
     """
-    fn()  # compile / autotune outside any capture
+    fn()  # compile outside any capture
     try:
         if flush_l2:
             buf = _l2_flush_buffer()
