@@ -102,8 +102,8 @@ def graph_bench(fn, quantiles=None, calls: int = 20, replays: int = 7, flush_l2:
     ``quantiles``, as ``triton.testing.do_bench`` does).
 
     Why not ``do_bench``: a Triton launch costs tens to hundreds of microseconds of Python, more
-    than a decode-sized INT4 matmul runs, so eager timing measures the CPU and would make the
-    a comparison meaningless. Graph replay is also how serving engines run these kernels.
+    than a decode-sized INT4 matmul runs, so eager timing measures the CPU and makes the
+    comparison meaningless. Graph replay is also how serving engines run these kernels.
     If capturing fails (e.g. inside someone else's capture), falls back to ``do_bench``.
     """
     fn()  # compile outside any capture
