@@ -213,7 +213,7 @@ def test_run_pipeline_plumbing_with_a_fake_engine(monkeypatch):
         calls.append(("windows", data, seqlen, max_windows))
         return torch.zeros(max_windows, seqlen, dtype=torch.long)
 
-    def perplexity(m, windows):
+    def perplexity(m, windows, progress=None):
         calls.append(("ppl", m is model, tuple(windows.shape)))
         return {"perplexity": float(len(calls)), "windows": windows.shape[0], "tokens": windows.numel()}
 
