@@ -80,5 +80,6 @@ def awq_dequantize(w: NativeInt4) -> torch.Tensor:
     _dequantize_kernel[grid](w.qweight, w.zeros, w.scales, out, k, n, w.qweight.stride(0), w.zeros.stride(0),
                              w.scales.stride(0), out.stride(0), GROUP_SIZE=w.group_size, BLOCK_K=BLOCK_K,
                              BLOCK_N=BLOCK_N, F16_ASM=w.scales.dtype == torch.float16,
-                             USE_ASM=not is_interpreting(), num_warps=NUM_WARPS, num_stages=1)
+                             USE_ASM=not is_interpreting(), num_warps=NUM_WARPS, num_stages=1,
+                             enable_fp_fusion=True)
     return out

@@ -143,7 +143,8 @@ def kernel_args(x: torch.Tensor, w: NativeInt4, bias, out, workspace, tickets, c
     meta = dict(GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                 BLOCK_K=config.block_k, SPLIT_K=config.split_k,
                 EVEN_N=w.out_features % config.block_n == 0, X_BF16=x.dtype == torch.bfloat16,
-                S_BF16=w.scales.dtype == torch.bfloat16, USE_ASM=use_asm, num_warps=config.num_warps, num_stages=1)
+                S_BF16=w.scales.dtype == torch.bfloat16, USE_ASM=use_asm, num_warps=config.num_warps, num_stages=1,
+                enable_fp_fusion=True)  # x * d + acc as one FMA: the instruction budget counts on it
     return args, meta
 
 

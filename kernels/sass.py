@@ -75,7 +75,7 @@ def compile_launch(kernel, args: tuple, meta: dict, capability: int) -> Compiled
     fn = kernel  # a triton JITFunction
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
-    options = {key: meta[key] for key in ("num_warps", "num_stages") if key in meta}
+    options = {key: meta[key] for key in ("num_warps", "num_stages", "enable_fp_fusion") if key in meta}
     kwargs = {key: value for key, value in meta.items() if key not in options}
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, parsed = binder(*args, **kwargs, **options)
