@@ -95,14 +95,16 @@ def test_notebook_runs_without_triton(path: Path, tmp_path):
         nb = nbformat.read({str(path)!r}, as_version=4)
         nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
                                 resources={{"metadata": {{"path": {str(path.parent)!r}}}}}).execute()
-        text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+        errors = [o for o in outputs if o.get("output_type") == "error"]
         assert not errors, errors
-        print("TRITON_NOTE" if "Triton kernels need Linux" in text else "no note")
+        shown = [o.get("text", "") + "".join(str(v) for v in o.get("data", {{}}).values()) for o in outputs]
+        notes = sum("Triton kernels need Linux" in s for s in shown)
+        print("TRITON_NOTES=" + str(notes))
     """, timeout=1500)
     assert done.returncode == 0, done.stderr[-4000:]
-    if path.name.startswith("05_"):
-        assert done.stdout.strip().endswith("TRITON_NOTE"), "notebook 05 must say once that the kernels need Triton"
+    if path.name.startswith("05_"):  # says it once, visibly, instead of a traceback
+        assert done.stdout.strip().endswith("TRITON_NOTES=1"), done.stdout[-500:]
 
 
 def test_native_weight_runs_through_torch_without_triton():
