@@ -10,7 +10,7 @@ Names are relative to one decoder block.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -40,10 +40,9 @@ class ArchSpec:
     groups: tuple[ScaleGroup, ...]
     norm_offset: float = 0.0  # Gemma-style RMSNorm computes x * (offset + weight)
     skip_clip: tuple[str, ...] = ()  # Linears whose clipping search is skipped (q/k: attention logits)
-    note: str = ""
 
 
-def _llama_like(mlp_prev: str = "post_attention_layernorm", norm_offset: float = 0.0, note: str = "") -> ArchSpec:
+def _llama_like(mlp_prev: str = "post_attention_layernorm", norm_offset: float = 0.0) -> ArchSpec:
     return ArchSpec(
         blocks="model.layers",
         groups=(
@@ -54,7 +53,6 @@ def _llama_like(mlp_prev: str = "post_attention_layernorm", norm_offset: float =
         ),
         norm_offset=norm_offset,
         skip_clip=("self_attn.q_proj", "self_attn.k_proj"),
-        note=note,
     )
 
 
@@ -65,7 +63,8 @@ REGISTRY: dict[str, ArchSpec] = {
     "Qwen2ForCausalLM": _LLAMA,
     "Qwen3ForCausalLM": _LLAMA,  # q_norm/k_norm act after the projections: scaling inputs is unaffected
     # Gemma3: RMSNorm multiplies by (1 + weight); sandwich norms around attention and MLP.
-    "Gemma3ForCausalLM": _llama_like("pre_feedforward_layernorm", norm_offset=1.0, note="norm computes x*(1+w)"),
+    "Gemma3ForCausalLM": _llama_like("pre_feedforward_layernorm", norm_offset=1.0),
+    # OPT: pre-LayerNorm OPT only (do_layer_norm_before=True).
     "OPTForCausalLM": ArchSpec(
         blocks="model.decoder.layers",
         groups=(
@@ -75,7 +74,6 @@ REGISTRY: dict[str, ArchSpec] = {
             ScaleGroup("fc1", ("fc2",), "fc2"),  # ReLU is positively homogeneous: exact
         ),
         skip_clip=("self_attn.q_proj", "self_attn.k_proj"),
-        note="pre-LayerNorm OPT only (do_layer_norm_before=True)",
     ),
     # GPT-2: Conv1D stores weight as [in, out]; GELU between c_fc and c_proj is not homogeneous.
     "GPT2LMHeadModel": ArchSpec(
@@ -84,7 +82,6 @@ REGISTRY: dict[str, ArchSpec] = {
             ScaleGroup("ln_1", ("attn.c_attn",), "attn"),
             ScaleGroup("ln_2", ("mlp.c_fc",), "mlp"),
         ),
-        note="Conv1D weights are transposed",
     ),
     "GPTNeoXForCausalLM": ArchSpec(
         blocks="gpt_neox.layers",
@@ -170,7 +167,6 @@ class ResolvedGroup:
     layers: list[nn.Module]
     inspect: nn.Module
     in_features: int
-    extra: dict = field(default_factory=dict)
 
 
 def resolve_groups(block: nn.Module, spec: ArchSpec) -> list[ResolvedGroup]:

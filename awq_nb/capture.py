@@ -137,10 +137,3 @@ def cast_floats(x, dtype=None, device=None):
 def first_tensor(out):
     """Decoder blocks return a tensor (transformers 5) or a tuple whose first item is one (4.x)."""
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@torch.no_grad()
-def run_block(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict, chunk: int) -> torch.Tensor:
-    """``block`` over ``hidden [n, T, H]`` in chunks of ``chunk`` sequences; returns ``[n, T, H]``."""
-    outs = [first_tensor(block(hidden[i : i + chunk], *args, **kwargs)) for i in range(0, hidden.shape[0], chunk)]
-    return torch.cat(outs, 0)

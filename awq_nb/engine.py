@@ -25,6 +25,7 @@ from .memory import trim
 from .progress import Progress, console_progress
 from .search import apply_clip_, clip_ratio_grid, gram_loss, search_clip, search_scales, unscaled_gram
 from .trace import BlockTrace, trace_block
+from .wqlinear import matches_any
 
 
 def tqdm_progress() -> Progress:
@@ -55,9 +56,13 @@ def check_model(model: nn.Module, config: AWQConfig) -> list[str]:
         if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
             raise AwqNbError(f"{name} has NaN or inf values: the checkpoint is corrupt or was saved after a diverged "
                              "step; every later result would be NaN.")
-    keep = list(config.modules_to_not_convert)
-    for name, m in find_quantizable(model).items():
-        if any(name == k or name.endswith("." + k) for k in keep):
+    quantizable = find_quantizable(model)
+    # One rule, the one checkpoints are read with (AutoAWQ, transformers, vLLM): a pattern keeps every
+    # Linear whose full name contains it. Resolved once here to full names, so that what the search
+    # and fake_quantize leave in floating point is exactly what save_quantized writes unquantized.
+    keep = [name for name in quantizable if matches_any(name, config.modules_to_not_convert)]
+    for name, m in quantizable.items():
+        if name in keep:
             continue
         w = weight_nk(m)
         if not torch.isfinite(w).all():
@@ -76,7 +81,9 @@ def check_model(model: nn.Module, config: AWQConfig) -> list[str]:
 
 
 def _kept(name: str, keep: list[str]) -> bool:
-    return any(name == k or name.endswith("." + k) for k in keep)
+    """Whether Linear ``name`` stays floating point: the substring rule of :func:`matches_any` (full
+    names from :func:`check_model` match themselves; an older result's patterns still work)."""
+    return matches_any(name, keep)
 
 
 def _replay_loss(inspect: nn.Module, layers: list[nn.Module], calls: list, targets: list[torch.Tensor]):
@@ -270,35 +277,42 @@ def search(
     was_training = model.training
     model.eval()
     blocks = get_blocks(model, spec)
-    progress(0, len(blocks), f"capturing the inputs of block 0 ({tokens.shape[0]} x {tokens.shape[1]} tokens)")
-    inp = capture_inputs(model, spec, tokens, device)
-    hidden = inp.hidden
-    trim()  # the capture's temporaries (awq_nb/memory.py)
-    hints: dict = {}
-    for i, block in enumerate(blocks):
-        progress(i, len(blocks), f"searching block {i + 1}/{len(blocks)}")
-        home = next(block.parameters()).device
-        block.to(device)
-        prefix = f"{spec.blocks}.{i}"
-        linears = block_linears(block)
-        inspect = {rg.group.inspect: rg.inspect for rg in resolve_groups(block, spec) if not is_linear(rg.inspect)}
-        gram_for = {n for n in linears if n not in spec.skip_clip and not _kept(f"{prefix}.{n}", keep)} if config.clip else set()
-        args, kwargs = cast_floats(inp.args[i], device=device), cast_floats(inp.kwargs[i], device=device)
-        tr = trace_block(block, linears, inspect, hidden, args, kwargs, config.block_chunk, config.search_samples, gram_for, config.group_size,
-                         full_gram=config.clip_sweeps > 0)
-        trim()  # the forward's temporaries, before the search allocates its own
-        scales, clips, errors = _search_block(i, block, spec, tr, config, prefix, keep, hints)
-        result.scales += scales
-        result.clips += clips
-        result.layer_errors.update(errors)
-        result.saliency.update({f"{prefix}.{n}": st for n, st in tr.stats.items()})
-        hidden = tr.output
-        del tr
-        trim()
-        block.to(home)
-        if i + 1 == len(blocks):
-            progress(len(blocks), len(blocks), f"searched {len(blocks)} blocks in {time.perf_counter() - t0:.0f} s")
-    model.train(was_training)
+    home, block = None, None
+    try:
+        progress(0, len(blocks), f"capturing the inputs of block 0 ({tokens.shape[0]} x {tokens.shape[1]} tokens)")
+        inp = capture_inputs(model, spec, tokens, device)
+        hidden = inp.hidden
+        trim()  # the capture's temporaries (awq_nb/memory.py)
+        hints: dict = {}
+        for i, block in enumerate(blocks):
+            progress(i, len(blocks), f"searching block {i + 1}/{len(blocks)}")
+            home = next(block.parameters()).device
+            block.to(device)
+            prefix = f"{spec.blocks}.{i}"
+            linears = block_linears(block)
+            inspect = {rg.group.inspect: rg.inspect for rg in resolve_groups(block, spec) if not is_linear(rg.inspect)}
+            gram_for = ({n for n in linears if n not in spec.skip_clip and not _kept(f"{prefix}.{n}", keep)}
+                        if config.clip else set())
+            args, kwargs = cast_floats(inp.args[i], device=device), cast_floats(inp.kwargs[i], device=device)
+            tr = trace_block(block, linears, inspect, hidden, args, kwargs, config.block_chunk, config.search_samples,
+                             gram_for, config.group_size, full_gram=config.clip_sweeps > 0)
+            trim()  # the forward's temporaries, before the search allocates its own
+            scales, clips, errors = _search_block(i, block, spec, tr, config, prefix, keep, hints)
+            result.scales += scales
+            result.clips += clips
+            result.layer_errors.update(errors)
+            result.saliency.update({f"{prefix}.{n}": st for n, st in tr.stats.items()})
+            hidden = tr.output
+            del tr
+            trim()
+            block.to(home)
+            home = None
+            if i + 1 == len(blocks):
+                progress(len(blocks), len(blocks), f"searched {len(blocks)} blocks in {time.perf_counter() - t0:.0f} s")
+    finally:  # an error (or Ctrl-C) mid-loop leaves no block on the compute device and the mode as it was
+        if home is not None and block is not None:
+            block.to(home)
+        model.train(was_training)
     result.config["modules_to_not_convert"] = keep
     result.seconds = time.perf_counter() - t0
     return result

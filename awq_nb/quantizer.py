@@ -124,9 +124,3 @@ def pseudo_quantize(w: torch.Tensor, bits: int, group_size: int, zero_point: boo
         scale = absmax.clamp_(min=SCALE_EPS).div_(hi)
         out = torch.round(g / scale).clamp_(lo, hi).mul_(scale)
     return out.reshape(n, k).to(w.dtype)
-
-
-def pseudo_quantize_batched(w: torch.Tensor, bits: int, group_size: int, zero_point: bool = True) -> torch.Tensor:
-    """:func:`pseudo_quantize` over a leading batch of candidates: ``w [C, N, K] -> [C, N, K]``."""
-    c, n, k = w.shape
-    return pseudo_quantize(w.reshape(c * n, k), bits, group_size, zero_point).reshape(c, n, k)

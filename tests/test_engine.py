@@ -203,3 +203,44 @@ def test_smollm2_awq_beats_rtn_on_sotu(smollm2):
     q = perplexity(awq, windows=windows)["perplexity"]
     print(f"sotu ppl fp {fp:.2f} rtn {rtn:.2f} awq {q:.2f}")
     assert fp < q < rtn
+
+
+@pytest.mark.parametrize("patterns", [["mlp"], ["lm_head"], ["layers.1.self_attn.q_proj"]])
+def test_what_is_evaluated_is_what_is_shipped(tmp_path, patterns):
+    # modules_to_not_convert has one meaning everywhere (the substring rule checkpoints are read
+    # with): the Linears the search and fake_quantize leave in floating point are exactly those
+    # save_quantized writes unquantized.
+    from safetensors import safe_open
+
+    from awq_nb.arch import find_quantizable
+    from awq_nb.checkpoint import save_quantized
+
+    model = tiny_model("llama", layers=2)
+    cfg = awq_nb.AWQConfig(group_size=32, n_grid=2, modules_to_not_convert=patterns)
+    result = awq_nb.search(model, _calib(), cfg, progress=lambda *a: None)
+    awq_nb.apply_awq(model, result)
+    before = {n: weight_nk(m).clone() for n, m in find_quantizable(model).items()}
+    shipped = copy.deepcopy(model)
+    awq_nb.fake_quantize(model, cfg, keep=result.config["modules_to_not_convert"])
+    evaluated_fp = {n for n, m in find_quantizable(model).items() if torch.equal(weight_nk(m), before[n])}
+    out = save_quantized(shipped, None, tmp_path / "ck", awq_nb.AWQConfig(**result.config))
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        shipped_fp = {k[: -len(".weight")] for k in f.keys() if k.endswith(".weight") and k[: -len(".weight")] in before}
+    assert evaluated_fp == shipped_fp
+    expected = {n for n in before if any(p in n for p in patterns)}
+    assert evaluated_fp == expected and (expected or patterns == ["lm_head"])
+
+
+def test_search_that_fails_mid_loop_restores_the_model():
+    model = tiny_model("llama", layers=3).train()
+    calls = []
+
+    def progress(done, total, desc):
+        calls.append(done)
+        if done == 2:
+            raise KeyboardInterrupt  # the user stops it while block 3 starts
+
+    with pytest.raises(KeyboardInterrupt):
+        awq_nb.search(model, _calib(), awq_nb.AWQConfig(group_size=32, n_grid=2), progress=progress)
+    assert model.training  # the mode it came in with
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
