@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -266,6 +267,19 @@ def search(
     ``calib``: token blocks ``LongTensor [n, T]`` or a text source (with ``tokenizer``, see
     :mod:`awq_nb.data`). ``device``: where each block is computed (default: the model's device).
     """
+    result = None
+    for result, _ in search_blocks(model, calib, config, progress, device, tokenizer, n_samples, seqlen, seed):
+        pass
+    return result
+
+
+def search_blocks(model: nn.Module, calib, config: AWQConfig, progress: Progress | None = None, device=None,
+                  tokenizer=None, n_samples: int = 128, seqlen: int = 512, seed: int = 0,
+                  before_block: Callable[[int, nn.Module], None] | None = None):
+    """:func:`search`, one decoder block at a time: yields ``(result so far, i)`` after block ``i``
+    is searched and back on its own device, so a caller can apply, pack and free it before the next
+    one (the streaming path, awq_nb/streaming.py). ``before_block(i, block)`` runs before block ``i``
+    is touched (e.g. to read its weights from disk). The last ``result`` is :func:`search`'s."""
     t0 = time.perf_counter()
     spec = get_spec(model)
     keep = check_model(model, config)
@@ -274,6 +288,7 @@ def search(
     device = torch.device(device) if device is not None else _model_device(model)
     progress = progress or tqdm_progress()
     result = AWQResult(config=config.to_dict(), model_name=getattr(model.config, "_name_or_path", ""))
+    result.config["modules_to_not_convert"] = keep
     was_training = model.training
     model.eval()
     blocks = get_blocks(model, spec)
@@ -286,6 +301,8 @@ def search(
         hints: dict = {}
         for i, block in enumerate(blocks):
             progress(i, len(blocks), f"searching block {i + 1}/{len(blocks)}")
+            if before_block is not None:
+                before_block(i, block)
             home = next(block.parameters()).device
             block.to(device)
             prefix = f"{spec.blocks}.{i}"
@@ -309,30 +326,35 @@ def search(
             home = None
             if i + 1 == len(blocks):
                 progress(len(blocks), len(blocks), f"searched {len(blocks)} blocks in {time.perf_counter() - t0:.0f} s")
+                result.seconds = time.perf_counter() - t0
+            yield result, i
     finally:  # an error (or Ctrl-C) mid-loop leaves no block on the compute device and the mode as it was
         if home is not None and block is not None:
             block.to(home)
         model.train(was_training)
-    result.config["modules_to_not_convert"] = keep
-    result.seconds = time.perf_counter() - t0
-    return result
 
 
 @torch.no_grad()
 def apply_awq(model: nn.Module, result: AWQResult) -> nn.Module:
     """Fold the searched scales and clip the weights, in place (the model stays floating point)."""
     spec = get_spec(model)
-    blocks = get_blocks(model, spec)
-    for rec in result.scales:
-        block = blocks[rec.block]
+    for i, block in enumerate(get_blocks(model, spec)):
+        apply_block(block, i, spec, result)
+    return model
+
+
+@torch.no_grad()
+def apply_block(block: nn.Module, idx: int, spec: ArchSpec, result: AWQResult) -> None:
+    """:func:`apply_awq` for decoder block ``idx`` alone: its scales folded, then its clips applied
+    (every scaling group and clip of a block lives inside that block)."""
+    for rec in (r for r in result.scales if r.block == idx):
         rg = next((g for g in resolve_groups(block, spec) if g.group.prev == rec.prev and list(g.group.layers) == rec.layers), None)
         if rg is None:
             raise AwqNbError(f"block {rec.block} has no scaling group {rec.prev} -> {rec.layers}: the result belongs to another architecture.")
         fold_scales(block, rg, rec.scales, spec)
     gs = result.config["group_size"]
-    for rec in result.clips:
-        apply_clip_(weight_nk(blocks[rec.block].get_submodule(rec.layer)), rec.max_val, gs, rec.min_val)
-    return model
+    for rec in (r for r in result.clips if r.block == idx):
+        apply_clip_(weight_nk(block.get_submodule(rec.layer)), rec.max_val, gs, rec.min_val)
 
 
 @torch.no_grad()
