@@ -137,8 +137,15 @@ def _units(model, config, convert, dtype) -> list[tuple[dict[str, int], Callable
             out_dtype = SCALE_DTYPE
         else:
             out_dtype = dtype if t.is_floating_point() else t.dtype
-        units.append(({key: t.numel() * out_dtype.itemsize}, lambda k=key, t=t, d=out_dtype: {k: t.detach().to("cpu", d)}))
+        # read the tensor when the unit is produced, not now: a streamed block is on the meta device here
+        units.append(({key: t.numel() * out_dtype.itemsize}, lambda k=key, d=out_dtype: {k: _live(model, k).detach().to("cpu", d)}))
     return units
+
+
+def _live(model: nn.Module, key: str) -> torch.Tensor:
+    """The parameter or buffer ``key`` (a state_dict name) of ``model`` as it is now."""
+    owner, _, leaf = key.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, leaf)
 
 
 @torch.no_grad()
@@ -266,32 +273,76 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, config: AWQ
     _check_target(out, overwrite)
     remove_stale_partials(out)
     config, convert, kept = _resolve_config(model, config)
-    if dtype is None:
-        model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float16)
-        dtype = model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
+    dtype = output_dtype(model, dtype)
     shards = _shards(_units(model, config, convert, dtype), parse_size(max_shard_size))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    writer = ShardWriter(out, shards, progress)
     try:
-        weight_map, total = {}, 0
-        progress = progress or silent
-        for i, shard in enumerate(shards):
-            progress(i, len(shards), f"packing and writing shard {i + 1}/{len(shards)}")
-            fname = WEIGHTS_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {}
-            for sizes, produce in shard:
-                tensors.update(produce())
-                total += sum(sizes.values())
-            seen = set()
-            for k, t in tensors.items():  # safetensors refuses tensors sharing memory
-                t = t.contiguous()
-                tensors[k] = t.clone() if t.data_ptr() in seen else t
-                seen.add(t.data_ptr())
-            save_file(tensors, str(tmp / fname), metadata={"format": "pt", CHECKSUM_KEY: json.dumps(
-                {k: tensor_digest(t) for k, t in sorted(tensors.items())})})
-            weight_map.update(dict.fromkeys(tensors, fname))
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        for unit in (u for shard in shards for u in shard):
+            writer.produce(unit)
+        writer.finish(model, config, kept, dtype, tokenizer)
+    except BaseException:
+        writer.abort()
+        raise
+    return out
+
+
+def output_dtype(model: nn.Module, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype ``save_quantized`` writes floating-point tensors in: the model's fp16/bf16, else fp16."""
+    if dtype is not None:
+        return dtype
+    model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float16)
+    return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
+class ShardWriter:
+    """Writes a checkpoint's planned shards (``_shards(_units(...))``) into a hidden partial folder
+    as their units are produced, in order, then the index, config and tokenizer, and moves it into
+    place (:func:`_commit`). ``save_quantized`` produces every unit at once; the streaming path
+    produces a block's units right after the block is searched, so only the open shard is held."""
+
+    def __init__(self, out: Path, shards: list[list], progress: Progress | None = None):
+        self.out, self.shards = out, shards
+        self.progress = progress or silent
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        self.shard, self.pending, self.tensors = 0, list(shards[0]) if shards else [], {}
+        self.weight_map, self.total = {}, 0
+
+    def produce(self, unit) -> None:
+        """Produce the next unit of the plan (it must be the next one); a shard whose units are all
+        produced is written and dropped from memory."""
+        if not self.pending or unit is not self.pending[0]:
+            raise AwqNbError("internal error: checkpoint units produced out of order")
+        if not self.tensors:
+            self.progress(self.shard, len(self.shards), f"packing and writing shard {self.shard + 1}/{len(self.shards)}")
+        sizes, make = self.pending.pop(0)
+        self.tensors.update(make())
+        self.total += sum(sizes.values())
+        if not self.pending:
+            self._write()
+
+    def _write(self) -> None:
+        n = len(self.shards)
+        fname = WEIGHTS_NAME if n == 1 else f"model-{self.shard + 1:05d}-of-{n:05d}.safetensors"
+        tensors, seen = {}, set()
+        for k, t in self.tensors.items():  # safetensors refuses tensors sharing memory
+            t = t.contiguous()
+            tensors[k] = t.clone() if t.data_ptr() in seen else t
+            seen.add(t.data_ptr())
+        save_file(tensors, str(self.tmp / fname), metadata={"format": "pt", CHECKSUM_KEY: json.dumps(
+            {k: tensor_digest(t) for k, t in sorted(tensors.items())})})
+        self.weight_map.update(dict.fromkeys(tensors, fname))
+        self.tensors = {}
+        self.shard += 1
+        self.pending = list(self.shards[self.shard]) if self.shard < n else []
+
+    def finish(self, model: nn.Module, config: AWQConfig, kept: list[str], dtype: torch.dtype, tokenizer) -> None:
+        """Index, config.json (with the quantization_config), generation config, tokenizer; commit."""
+        if self.shard != len(self.shards):
+            raise AwqNbError("internal error: the checkpoint was finished before every shard was written")
+        tmp = self.tmp
+        if len(self.shards) > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         hf_config = copy.deepcopy(model.config)
         hf_config.quantization_config = awq_quantization_config(config, kept)
@@ -301,12 +352,11 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, config: AWQ
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _commit(tmp, out)
-        progress(len(shards), len(shards), f"saved {out}")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        _commit(tmp, self.out)
+        self.progress(len(self.shards), len(self.shards), f"saved {self.out}")
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
