@@ -23,11 +23,15 @@ def __getattr__(name):  # the checkpoint and kernel layers load on first use
         from . import checkpoint
 
         return getattr(checkpoint, name)
+    if name == "quantize_streaming":
+        from .streaming import quantize_streaming
+
+        return quantize_streaming
     raise AttributeError(f"module 'awq_nb' has no attribute {name!r}")
 
 
 __all__ = [
     "AWQConfig", "AWQResult", "AwqNbError", "BUNDLED_MODELS", "ChannelStats", "ClipRecord", "ScaleRecord",
     "apply_awq", "calibration_blocks", "check_model", "eval_windows", "fake_quantize", "load_model",
-    "load_quantized", "load_texts", "quantize", "save_quantized", "search",
+    "load_quantized", "load_texts", "quantize", "quantize_streaming", "save_quantized", "search",
 ]

@@ -176,6 +176,27 @@ def _shards(units, max_bytes: int) -> list[list]:
 CHECKSUM_KEY = "awq_nb_sha256"  # safetensors metadata: {tensor name: sha256 of its stored bytes}
 
 
+def canonical_header(path: Path) -> None:
+    """Rewrite a safetensors file's header with its metadata keys sorted, in place.
+
+    safetensors keeps the metadata in a hash map whose order changes from one save to the next, so
+    two saves of the same tensors would differ in their header bytes (and file hashes). Sorting the
+    keys makes a checkpoint's files a function of their content. The header keeps its length
+    (padded with spaces, as safetensors pads it), so the tensor data does not move."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        meta = header.get("__metadata__")
+        if not meta or list(meta) == sorted(meta):
+            return
+        header = {"__metadata__": dict(sorted(meta.items())), **{k: v for k, v in header.items() if k != "__metadata__"}}
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(raw) > size:  # never happens for the same content; leave the file as safetensors wrote it
+            return
+        f.seek(8)
+        f.write(raw + b" " * (size - len(raw)))
+
+
 def tensor_digest(t: torch.Tensor) -> str:
     """sha256 of a tensor's bytes as stored (any dtype; streamed from memory, no copy when contiguous)."""
     data = t.detach().contiguous().reshape(-1).view(torch.uint8)
@@ -331,6 +352,7 @@ class ShardWriter:
             seen.add(t.data_ptr())
         save_file(tensors, str(self.tmp / fname), metadata={"format": "pt", CHECKSUM_KEY: json.dumps(
             {k: tensor_digest(t) for k, t in sorted(tensors.items())})})
+        canonical_header(self.tmp / fname)
         self.weight_map.update(dict.fromkeys(tensors, fname))
         self.tensors = {}
         self.shard += 1

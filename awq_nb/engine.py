@@ -65,10 +65,7 @@ def check_model(model: nn.Module, config: AWQConfig) -> list[str]:
     for name, m in quantizable.items():
         if name in keep:
             continue
-        w = weight_nk(m)
-        if not torch.isfinite(w).all():
-            raise AwqNbError(f"{name} has NaN or inf weights: the checkpoint is corrupt or was saved after a diverged step.")
-        k = w.shape[1]
+        k = weight_nk(m).shape[1]  # NaN/inf were checked above, with every parameter
         if config.group_size > 0 and k % config.group_size:
             if config.skip_indivisible:
                 keep.append(name)

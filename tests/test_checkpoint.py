@@ -562,3 +562,16 @@ def test_a_flipped_byte_is_caught_at_load(tmp_path, saved, tensor):
     with pytest.raises(AwqNbError, match=f"model.safetensors: tensor '{tensor}' does not match the checksum"):
         load_quantized(path)
     load_quantized(path, verify=False)  # the escape hatch: loads, unverified
+
+
+def test_saving_twice_gives_the_same_bytes(tmp_path, saved):
+    # safetensors keeps metadata in a hash map whose order changes between saves; the header is
+    # rewritten with sorted keys, so a checkpoint's files (and their hashes) depend on content only.
+    a = save_quantized(saved["model"], None, tmp_path / "a", AWQConfig(group_size=G), max_shard_size="100KB")
+    b = save_quantized(saved["model"], None, tmp_path / "b", AWQConfig(group_size=G), max_shard_size="100KB")
+    names = sorted(p.name for p in a.iterdir())
+    assert len(names) > 3 and names == sorted(p.name for p in b.iterdir())
+    assert all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
+    with safe_open(str(next(a.glob("*.safetensors"))), "pt") as f:
+        assert list(f.metadata()) and f.keys()  # still a valid safetensors file
+    load_quantized(a)

@@ -1,0 +1,147 @@
+"""Quantize a model that does not fit in memory: one decoder block at a time, the checkpoint written shard by shard.
+
+:func:`quantize_streaming` gives the checkpoint that ``load_model`` + :func:`awq_nb.search` +
+:func:`awq_nb.apply_awq` + :func:`awq_nb.save_quantized` give, byte for byte, while holding only:
+
+* the model's skeleton on the meta device (``accelerate.init_empty_weights``), with the tensors
+  outside the decoder blocks (embeddings, final norm, LM head) read from the safetensors shards;
+* one decoder block, read from the shards (memory-mapped by ``safetensors.safe_open``) right
+  before it is searched, then scaled, clipped, packed into the open output shard and dropped back
+  to the meta device;
+* the calibration hidden states, and the output shard being filled.
+
+The search itself is :func:`awq_nb.engine.search_blocks`, the same code as the in-memory path;
+the shards are planned and written by :class:`awq_nb.checkpoint.ShardWriter`, the same code as
+``save_quantized``. So the two paths cannot drift apart, and a test compares their files.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .arch import get_blocks, get_spec
+from .checkpoint import (ShardWriter, _check_target, _open, _shards, _tensor_files, _units, output_dtype, parse_size,
+                         remove_stale_partials)
+from .config import AWQConfig
+from .engine import _resolve_calib, apply_block, search_blocks
+from .errors import AwqNbError
+from .memory import trim
+from .models import _check_local_folder, _check_pickle_only, resolve_model_path
+from .packing import check_format
+from .progress import Progress
+from .results import AWQResult
+from .wqlinear import select_modules
+
+
+def skeleton(path: Path, dtype: torch.dtype) -> nn.Module:
+    """The model of ``path/config.json`` with its parameters on the meta device (buffers real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=False)
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model.eval()
+
+
+def load_tensors(model: nn.Module, keys: list[str], located: dict[str, Path], dtype: torch.dtype) -> None:
+    """Read ``keys`` from the shards into ``model`` (floating tensors cast to ``dtype``), file by file."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    by_file = defaultdict(list)
+    for key in keys:
+        by_file[located[key]].append(key)
+    for file, names in by_file.items():
+        f = _open(file)
+        for key in names:
+            t = f.get_tensor(key)
+            set_module_tensor_to_device(model, key, "cpu", value=t.to(dtype) if t.is_floating_point() else t)
+
+
+def _block_of(keys, prefix: str) -> int | None:
+    """The decoder block a unit's tensors belong to (None: outside the blocks)."""
+    key = next(iter(keys))
+    if not key.startswith(prefix):
+        return None
+    return int(key[len(prefix):].split(".", 1)[0])
+
+
+def quantize_streaming(path, out_dir, config: AWQConfig, calib="sotu", n_samples: int = 128, seqlen: int = 512,
+                       seed: int = 0, device=None, dtype: torch.dtype = torch.float32, out_dtype: torch.dtype | None = None,
+                       max_shard_size: int | str = "2GB", overwrite: bool = False, progress: Progress | None = None,
+                       save_progress: Progress | None = None) -> tuple[AWQResult, Path]:
+    """Quantize the safetensors model at ``path`` (a folder, a bundled name or a hub id already
+    downloaded to a folder) with AWQ and write the AutoAWQ "gemm" checkpoint ``out_dir``, holding
+    one decoder block in memory at a time (module docstring). Returns ``(result, out_dir)``.
+
+    Arguments are those of :func:`awq_nb.search` and :func:`awq_nb.save_quantized`; ``dtype`` is the
+    dtype the search computes in (as ``load_model(..., dtype=)``), ``out_dtype`` the checkpoint's.
+    """
+    from transformers import AutoTokenizer
+
+    folder = Path(resolve_model_path(str(path)))
+    if not folder.is_dir():
+        raise AwqNbError(f"quantize_streaming reads a local folder of safetensors shards; {path!r} is not one "
+                         "(download a hub model first, e.g. huggingface_hub.snapshot_download).")
+    _check_local_folder(str(folder), trust_remote_code=False)
+    _check_pickle_only(folder, allow_pickle=False)
+    check_format(config.w_bit, config.group_size, config.zero_point, name=f"AWQConfig({config.tag})")
+    out = Path(out_dir)
+    _check_target(out, overwrite)
+    remove_stale_partials(out)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokens = _resolve_calib(tokenizer, calib, n_samples, seqlen, seed)
+
+    model = skeleton(folder, dtype)
+    spec = get_spec(model)
+    prefix = spec.blocks + "."
+    located = _tensor_files(folder)
+    load_tensors(model, [k for k in located if not k.startswith(prefix)], located, dtype)
+    model.tie_weights()
+    blocks = get_blocks(model, spec)
+    block_keys = defaultdict(list)
+    for key in located:
+        if key.startswith(prefix):
+            block_keys[int(key[len(prefix):].split(".", 1)[0])].append(key)
+
+    convert, kept = select_modules(model, config)
+    odtype = output_dtype(model, out_dtype)
+    plan = _shards(_units(model, config, convert, odtype), parse_size(max_shard_size))
+    order = [(unit, _block_of(unit[0], prefix)) for shard in plan for unit in shard]
+    writer = ShardWriter(out, plan, save_progress)
+    done = 0
+
+    def flush(last_block: int) -> None:  # produce, in plan order, every unit whose tensors are final
+        nonlocal done
+        while done < len(order) and (order[done][1] is None or order[done][1] <= last_block):
+            writer.produce(order[done][0])
+            done += 1
+
+    def before_block(i: int, block: nn.Module) -> None:
+        load_tensors(model, block_keys[i], located, dtype)
+        for name, p in block.named_parameters():
+            if p.is_floating_point() and not torch.isfinite(p).all():
+                raise AwqNbError(f"{prefix}{i}.{name} has NaN or inf values: the checkpoint is corrupt.")
+
+    result = None
+    try:
+        flush(-1)
+        for result, i in search_blocks(model, tokens, config, progress, device, before_block=before_block):
+            apply_block(blocks[i], i, spec, result)
+            flush(i)
+            blocks[i].to("meta")  # drop its weights: the next block is read from disk
+            trim()
+        flush(len(blocks))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # save_pretrained of a config built from meta tensors
+            writer.finish(model, config, kept, odtype, tokenizer)
+    except BaseException:
+        writer.abort()
+        raise
+    return result, out

@@ -1,0 +1,57 @@
+"""The streaming path writes the in-memory path's checkpoint, byte for byte, one block in memory at a time."""
+import torch
+
+import awq_nb
+from awq_nb import AWQConfig
+from awq_nb.checkpoint import load_quantized, save_quantized
+from awq_nb.streaming import quantize_streaming
+from tiny_models import tiny_model, tiny_tokenizer
+
+
+def _model_folder(tmp_path, layers=3):
+    model = tiny_model("llama", layers=layers)
+    folder = tmp_path / "fp"
+    model.save_pretrained(folder, max_shard_size="60KB")  # several safetensors shards, with an index
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_streaming_checkpoint_equals_the_in_memory_one(tmp_path):
+    folder = _model_folder(tmp_path)
+    assert len(list(folder.glob("*.safetensors"))) > 2
+    tokens = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    config = AWQConfig(w_bit=4, group_size=32, n_grid=4, clip_grid=4, modules_to_not_convert=["layers.1.mlp.up_proj"])
+
+    model, tok = awq_nb.load_model(str(folder), dtype=torch.float32)
+    result = awq_nb.search(model, tokens, config, progress=lambda *a: None)
+    awq_nb.apply_awq(model, result)
+    a = save_quantized(model, tok, tmp_path / "memory", config, max_shard_size="30KB")
+
+    streamed, b = quantize_streaming(folder, tmp_path / "stream", config, calib=tokens, max_shard_size="30KB",
+                                     progress=lambda *a: None)
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir()) and len([n for n in names if n.endswith(".safetensors")]) > 2
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert [r.best_alpha for r in streamed.scales] == [r.best_alpha for r in result.scales]
+    load_quantized(b)  # and it loads, checksums verified
+
+
+def test_streaming_holds_one_block(tmp_path, monkeypatch):
+    # Every block is read from disk right before its search and dropped right after it is written.
+    import awq_nb.streaming as streaming
+
+    folder = _model_folder(tmp_path, layers=4)
+    seen = []
+    real = streaming.load_tensors
+
+    def spy(model, keys, located, dtype):
+        blocks = model.model.layers
+        seen.append(sum(any(p.device.type != "meta" for p in b.parameters()) for b in blocks))
+        real(model, keys, located, dtype)
+
+    monkeypatch.setattr(streaming, "load_tensors", spy)
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    quantize_streaming(folder, tmp_path / "out", AWQConfig(group_size=32, n_grid=2, clip=False), calib=tokens,
+                       progress=lambda *a: None)
+    assert seen == [0, 0, 0, 0, 0]  # the non-block tensors, then each block with no other block materialized
