@@ -32,6 +32,7 @@ def _peak_memory(device: str) -> int:
 
 
 SEARCH_FILE = "awq_search.safetensors"
+STREAM_FRACTION = 0.4  # --streaming auto: stream when the weights exceed this share of the available RAM
 CONFIG_DEFAULTS = AWQConfig()  # the quantize flags that mirror AWQConfig take their defaults from it
 
 
@@ -71,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--search-samples", type=int, default=c.search_samples, help="calibration sequences used by the scale-search loss (default %(default)s)")
     q.add_argument("--skip-indivisible", action="store_true", help="keep Linears whose in_features the group size does not divide in floating point")
     q.add_argument("--fake-quant", action="store_true", help="write a fake-quantized floating-point folder even for 4 bits")
+    q.add_argument("--streaming", choices=["auto", "on", "off"], default="auto",
+                   help="hold one decoder block in memory at a time and write the checkpoint shard by shard "
+                        "(awq_nb.quantize_streaming; same bytes as off). auto (default): on when the model's "
+                        f"safetensors exceed {int(STREAM_FRACTION * 100)}%% of the available RAM; needs a packed "
+                        "4-bit checkpoint and a local folder (bundled models are)")
     q.add_argument("--save-search", choices=["beside", "inside", "no"], default="beside",
                    help="where the search results go (safetensors + JSON, no pickle): beside the output folder as "
                         "OUT.awq_search.safetensors (default), inside it as awq_search.safetensors (then shared with "
@@ -112,7 +118,6 @@ def _prepare_out(out: Path) -> Path:
 
 def cmd_quantize(a) -> dict:
     from . import load_model, search, apply_awq, fake_quantize, calibration_blocks
-    from .engine import tqdm_progress
 
     config = AWQConfig(
         w_bit=a.w_bit, group_size=a.group_size, zero_point=not a.no_zero_point, n_grid=a.n_grid, clip=not a.no_clip,
@@ -123,6 +128,9 @@ def cmd_quantize(a) -> dict:
         raise AwqNbError(f"output folder {out} already exists and is not empty: choose a new --out or delete it.")
     _check_device(a.device)
     t0 = time.perf_counter()
+    packed = config.w_bit == 4 and config.zero_point and not a.fake_quant
+    if _use_streaming(a, packed):
+        return _quantize_streaming(a, config, out, t0)
     model, tok = load_model(a.model, dtype=a.dtype, device="cpu", trust_remote_code=a.trust_remote_code,
                             allow_pickle=a.allow_pickle, progress=console_progress("load", "file"))
     from .engine import check_not_quantized
@@ -132,7 +140,7 @@ def cmd_quantize(a) -> dict:
         _check_packable_settings(model, config)  # before the search, not after it
     blocks = calibration_blocks(tok, a.calib, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)
     peaks = {"loaded": peak_rss_bytes(), "blocks": []}  # the process's peak RSS so far, by stage
-    bar = tqdm_progress()
+    bar = console_progress("AWQ search", "block", show_rss=True)
 
     def progress(done: int, total: int, desc: str) -> None:
         if done > len(peaks["blocks"]):  # block done - 1 has finished
@@ -144,7 +152,6 @@ def cmd_quantize(a) -> dict:
     apply_awq(model, result)
     seconds = time.perf_counter() - t_search
     trim()  # before packing and saving allocate their copies (awq_nb/memory.py)
-    packed = config.w_bit == 4 and config.zero_point and not a.fake_quant
     tmp = _prepare_out(out)
     try:
         if packed:
@@ -167,10 +174,101 @@ def cmd_quantize(a) -> dict:
             "out": str(out), "format": fmt, "model": a.model, "config": config.tag,
             "seconds": round(seconds, 2), "total_seconds": round(time.perf_counter() - t0, 2),
             "peak_memory_bytes": _peak_memory(a.device), "n_samples": a.n_samples, "seqlen": a.seqlen,
-            "peak_rss_bytes_by_stage": {**peaks, "saved": peak_rss_bytes()},
+            "peak_rss_bytes_by_stage": {**peaks, "saved": peak_rss_bytes()}, "streaming": False,
+            "peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": _peak_device_bytes(a.device),
         }
         (tmp / "awq_nb_summary.json").write_text(json.dumps(summary, indent=2))
         for f in tmp.iterdir():  # mkdtemp made everything private; a model folder is for sharing
+            f.chmod(0o644)
+        tmp.chmod(0o755)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if a.save_search == "beside":
+        summary["search"] = str(result.save(out.parent / f"{out.name}.{SEARCH_FILE}"))
+    elif a.save_search == "inside":
+        summary["search"] = str(out / SEARCH_FILE)
+    return summary
+
+
+def _peak_device_bytes(device: str) -> int:
+    import torch
+
+    return int(torch.cuda.max_memory_allocated()) if device.startswith("cuda") and torch.cuda.is_available() else 0
+
+
+def _weights_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def _use_streaming(a, packed: bool) -> bool:
+    """--streaming on/off, or auto: stream a packed checkpoint of a local safetensors folder whose
+    weights exceed STREAM_FRACTION of the available RAM."""
+    if a.streaming == "off":
+        return False
+    if not packed:
+        if a.streaming == "on":
+            raise AwqNbError("--streaming on writes a packed 4-bit checkpoint; it cannot be combined with --fake-quant, "
+                             "--no-zero-point or --w-bit other than 4.")
+        return False
+    if a.streaming == "on":
+        return True
+    from .memory import available_ram_bytes
+    from .models import resolve_model_path
+
+    p = Path(a.model).expanduser()
+    if not (p.is_dir() or a.model.lower() in _bundled()):
+        return False
+    folder = Path(resolve_model_path(a.model))
+    avail = available_ram_bytes()
+    return avail is not None and folder.is_dir() and _weights_bytes(folder) > STREAM_FRACTION * avail
+
+
+def _bundled():
+    from .models import BUNDLED_MODELS
+
+    return BUNDLED_MODELS
+
+
+def _quantize_streaming(a, config: AWQConfig, out: Path, t0: float) -> dict:
+    """cmd_quantize's streaming path: awq_nb.quantize_streaming into the partial folder, then the summary."""
+    from .models import _resolve_dtype, resolve_model_path
+    from .streaming import quantize_streaming
+
+    folder = resolve_model_path(a.model)
+    peaks = {"blocks": []}
+    bar = console_progress("AWQ search (streaming)", "block", show_rss=True)
+
+    def progress(done: int, total: int, desc: str) -> None:
+        if done > len(peaks["blocks"]):
+            peaks["blocks"].append(peak_rss_bytes())
+        bar(done, total, desc)
+
+    tmp = _prepare_out(out)
+    try:
+        t_search = time.perf_counter()
+        result, _ = quantize_streaming(folder, tmp / "model", config, calib=a.calib, n_samples=a.n_samples,
+                                       seqlen=a.seqlen, seed=a.seed, device=a.device, dtype=_resolve_dtype(a.dtype),
+                                       progress=progress, save_progress=console_progress("save", "shard"))
+        seconds = time.perf_counter() - t_search
+        for f in (tmp / "model").iterdir():
+            f.rename(tmp / f.name)
+        (tmp / "model").rmdir()
+        if a.save_search == "inside":
+            result.save(tmp / SEARCH_FILE)
+        summary = {
+            "out": str(out), "format": "awq-gemm", "model": a.model, "config": config.tag,
+            "seconds": round(seconds, 2), "total_seconds": round(time.perf_counter() - t0, 2),
+            "peak_memory_bytes": _peak_memory(a.device), "n_samples": a.n_samples, "seqlen": a.seqlen,
+            "peak_rss_bytes_by_stage": {**peaks, "saved": peak_rss_bytes()}, "streaming": True,
+            "peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": _peak_device_bytes(a.device),
+            "weights_bytes": _weights_bytes(Path(folder)),
+        }
+        (tmp / "awq_nb_summary.json").write_text(json.dumps(summary, indent=2))
+        for f in tmp.iterdir():
             f.chmod(0o644)
         tmp.chmod(0o755)
         if out.exists():

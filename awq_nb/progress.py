@@ -41,8 +41,8 @@ class ConsoleProgress:
     lines every ``every`` of the way. Call it as a :data:`Progress` callback."""
 
     def __init__(self, stage: str, unit: str = "step", stream=None, every: float = 0.1,
-                 interactive: bool | None = None):
-        self.stage, self.unit, self.every = stage, unit, every
+                 interactive: bool | None = None, extra: Callable[[], str] | None = None):
+        self.stage, self.unit, self.every, self.extra = stage, unit, every, extra
         self.stream = stream if stream is not None else sys.stderr
         self.interactive = _interactive(self.stream) if interactive is None else interactive
         self.t0: float | None = None
@@ -72,8 +72,8 @@ class ConsoleProgress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, desc=self.stage, unit=self.unit, file=self.stream)
-        if desc:
-            self.bar.set_postfix_str(desc, refresh=False)
+        if desc or self.extra:
+            self.bar.set_postfix_str(", ".join(x for x in (desc, self.extra() if self.extra else "") if x), refresh=False)
         self.bar.update(done - self.bar.n)
 
     def _line(self, done: int, total: int, desc: str) -> None:
@@ -87,10 +87,18 @@ class ConsoleProgress:
         if done:
             parts.append(f"{elapsed / done:.2f} s/{self.unit}")
             parts.append(f"done in {_duration(elapsed)}" if done >= total else f"ETA {_duration(elapsed / done * (total - done))}")
+        if self.extra:
+            parts.append(self.extra())
         line = ", ".join(parts) + (f" - {desc}" if desc else "")
         print(line, file=self.stream, flush=True)
 
 
-def console_progress(stage: str, unit: str = "step") -> Progress:
-    """The default callback of a long step: see :class:`ConsoleProgress`."""
-    return ConsoleProgress(stage, unit)
+def console_progress(stage: str, unit: str = "step", show_rss: bool = False) -> Progress:
+    """The default callback of a long step: see :class:`ConsoleProgress`; ``show_rss`` adds the
+    process's current resident memory to every report."""
+    extra = None
+    if show_rss:
+        from .memory import current_rss_bytes
+
+        extra = lambda: f"RSS {current_rss_bytes() / 1e9:.2f} GB"  # noqa: E731
+    return ConsoleProgress(stage, unit, extra=extra)

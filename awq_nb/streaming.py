@@ -30,7 +30,7 @@ from .config import AWQConfig
 from .engine import _resolve_calib, apply_block, search_blocks
 from .errors import AwqNbError
 from .memory import trim
-from .models import _check_local_folder, _check_pickle_only, resolve_model_path
+from .models import _check_local_folder, _check_pickle_only, quant_method, resolve_model_path
 from .packing import check_format
 from .progress import Progress
 from .results import AWQResult
@@ -89,6 +89,8 @@ def quantize_streaming(path, out_dir, config: AWQConfig, calib="sotu", n_samples
     if not folder.is_dir():
         raise AwqNbError(f"quantize_streaming reads a local folder of safetensors shards; {path!r} is not one "
                          "(download a hub model first, e.g. huggingface_hub.snapshot_download).")
+    if quant_method(str(folder)) == "awq":
+        raise AwqNbError(f"{folder} is already an AWQ checkpoint: quantize the original floating-point model instead.")
     _check_local_folder(str(folder), trust_remote_code=False)
     _check_pickle_only(folder, allow_pickle=False)
     check_format(config.w_bit, config.group_size, config.zero_point, name=f"AWQConfig({config.tag})")

@@ -55,3 +55,36 @@ def test_streaming_holds_one_block(tmp_path, monkeypatch):
     quantize_streaming(folder, tmp_path / "out", AWQConfig(group_size=32, n_grid=2, clip=False), calib=tokens,
                        progress=lambda *a: None)
     assert seen == [0, 0, 0, 0, 0]  # the non-block tensors, then each block with no other block materialized
+
+
+def test_cli_streaming_writes_the_same_checkpoint(tmp_path):
+    # quantize --streaming on and off on the same folder: the same files, byte for byte, and the
+    # summary says which path ran and what memory it took.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    folder = _model_folder(tmp_path)
+    outs = {}
+    for mode in ("on", "off"):
+        out = tmp_path / f"q-{mode}"
+        p = subprocess.run([sys.executable, "-m", "awq_nb", "quantize", str(folder), "--out", str(out), "--group-size", "32",
+                            "--calib", str(_calib_file(tmp_path)), "--n-samples", "4", "--seqlen", "32", "--n-grid", "4",
+                            "--clip-grid", "4", "--streaming", mode, "--save-search", "no"],
+                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        summary = json.loads(p.stdout.strip().splitlines()[-1])
+        assert summary["streaming"] == (mode == "on") and summary["peak_rss_bytes"] > 0
+        assert "peak_device_bytes" in summary and "RSS " in p.stderr  # the progress lines show memory
+        outs[mode] = out
+    names = sorted(p.name for p in outs["on"].iterdir() if p.name != "awq_nb_summary.json")
+    assert names == sorted(p.name for p in outs["off"].iterdir() if p.name != "awq_nb_summary.json")
+    for name in names:
+        assert (outs["on"] / name).read_bytes() == (outs["off"] / name).read_bytes(), name
+
+
+def _calib_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(" ".join(f"t{i % 128}" for i in range(4000)))
+    return path
