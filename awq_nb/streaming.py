@@ -4,7 +4,9 @@
 :func:`awq_nb.apply_awq` + :func:`awq_nb.save_quantized` give, byte for byte, while holding only:
 
 * the model's skeleton on the meta device (``accelerate.init_empty_weights``), with the tensors
-  outside the decoder blocks (embeddings, final norm, LM head) read from the safetensors shards;
+  outside the decoder blocks that capturing block 0's inputs needs (embeddings, final norm) read
+  from the safetensors shards; the embeddings are dropped again once captured and written, and
+  the LM head is read only when its turn comes to be written;
 * one decoder block, read from the shards (memory-mapped by ``safetensors.safe_open``) right
   before it is searched, then scaled, clipped, packed into the open output shard and dropped back
   to the meta device;
@@ -64,6 +66,20 @@ def load_tensors(model: nn.Module, keys: list[str], located: dict[str, Path], dt
             set_module_tensor_to_device(model, key, "cpu", value=t.to(dtype) if t.is_floating_point() else t)
 
 
+def _head_prefix(model: nn.Module) -> str:
+    """State-dict prefix of the output head (``lm_head.``), which the search never runs."""
+    head = model.get_output_embeddings()
+    name = next((n for n, m in model.named_modules() if m is head), "lm_head") if head is not None else "lm_head"
+    return name + "."
+
+
+def _drop(model: nn.Module, key: str) -> None:
+    """Put tensor ``key`` back on the meta device (its memory is freed once nothing else holds it)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    set_module_tensor_to_device(model, key, "meta")
+
+
 def _block_of(keys, prefix: str) -> int | None:
     """The decoder block a unit's tensors belong to (None: outside the blocks)."""
     key = next(iter(keys))
@@ -104,7 +120,9 @@ def quantize_streaming(path, out_dir, config: AWQConfig, calib="sotu", n_samples
     spec = get_spec(model)
     prefix = spec.blocks + "."
     located = _tensor_files(folder)
-    load_tensors(model, [k for k in located if not k.startswith(prefix)], located, dtype)
+    outside = [k for k in located if not k.startswith(prefix)]
+    head = {k for k in outside if k.startswith(_head_prefix(model))}  # not needed before it is written
+    load_tensors(model, [k for k in outside if k not in head], located, dtype)
     model.tie_weights()
     blocks = get_blocks(model, spec)
     block_keys = defaultdict(list)
@@ -115,17 +133,34 @@ def quantize_streaming(path, out_dir, config: AWQConfig, calib="sotu", n_samples
     convert, kept = select_modules(model, config)
     odtype = output_dtype(model, out_dtype)
     plan = _shards(_units(model, config, convert, odtype), parse_size(max_shard_size))
-    order = [(unit, _block_of(unit[0], prefix)) for shard in plan for unit in shard]
+    # each unit with the block after which its tensors are final: a block's own units after that
+    # block; the tensors outside the blocks before block 0 (embeddings) or after the last (norm, head)
+    order, seen_block = [], False
+    for unit in (u for shard in plan for u in shard):
+        block = _block_of(unit[0], prefix)
+        seen_block = seen_block or block is not None
+        order.append((unit, block if block is not None else (len(blocks) if seen_block else -1)))
     writer = ShardWriter(out, plan, save_progress)
     done = 0
 
     def flush(last_block: int) -> None:  # produce, in plan order, every unit whose tensors are final
         nonlocal done
-        while done < len(order) and (order[done][1] is None or order[done][1] <= last_block):
-            writer.produce(order[done][0])
+        while done < len(order) and order[done][1] <= last_block:
+            unit, block = order[done]
+            lazy = [k for k in unit[0] if k in head]
+            if lazy:
+                load_tensors(model, lazy, located, dtype)
+            writer.produce(unit)
+            for k in lazy:
+                _drop(model, k)
             done += 1
 
     def before_block(i: int, block: nn.Module) -> None:
+        if i == 0:  # block 0's inputs are captured: embeddings already written go back to the meta device
+            written = {k for unit, _ in order[:done] for k in unit[0]}
+            for k in outside:
+                if k in written and k not in head:
+                    _drop(model, k)
         load_tensors(model, block_keys[i], located, dtype)
         for name, p in block.named_parameters():
             if p.is_floating_point() and not torch.isfinite(p).all():
