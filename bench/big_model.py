@@ -1,0 +1,101 @@
+"""Quantize a synthetic model with real Llama shapes through the streaming path, and measure its memory.
+
+    python bench/big_model.py                       # hidden 2048, 5632, 22 layers: ~2.2 GB in fp16
+    python bench/big_model.py --layers 4 --both     # smaller; --both also runs the in-memory path
+                                                    # and compares the two checkpoints byte for byte
+
+The model has random weights (no hub here), saved as fp16 safetensors in several shards with a
+word-level tokenizer; calibration is 4 x 128 tokens of random words and the grids are coarse, so
+the numbers are about memory and the time per block, not quality. Each quantization runs in its
+own process (``python -m awq_nb quantize``), whose JSON gives the peak RSS (``VmHWM``). Prints a
+markdown table and one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def build(folder: Path, hidden: int, intermediate: int, layers: int, vocab: int, heads: int, kv_heads: int) -> int:
+    """Write the synthetic model and tokenizer to ``folder``; return the fp16 weight bytes."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                         max_position_embeddings=2048, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(config).half().eval()
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.save_pretrained(folder, max_shard_size=f"{max(nbytes // 5, 1) // 2**20}MB")
+    del model
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0", eos_token="t1").save_pretrained(folder)
+    return nbytes
+
+
+def quantize(folder: Path, out: Path, calib: Path, streaming: str) -> dict:
+    cmd = [sys.executable, "-m", "awq_nb", "quantize", str(folder), "--out", str(out), "--group-size", "128",
+           "--calib", str(calib), "--n-samples", "4", "--seqlen", "128", "--n-grid", "4", "--clip-grid", "4",
+           "--search-samples", "2", "--streaming", streaming, "--save-search", "no"]
+    start = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if p.returncode != 0:
+        raise SystemExit(f"quantize --streaming {streaming} failed:\n{p.stderr[-4000:]}")
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    summary["wall_seconds"] = round(time.perf_counter() - start, 1)
+    return summary
+
+
+def same_files(a: Path, b: Path) -> bool:
+    names = sorted(p.name for p in a.iterdir() if p.name != "awq_nb_summary.json")
+    return names == sorted(p.name for p in b.iterdir() if p.name != "awq_nb_summary.json") and all(
+        (a / n).read_bytes() == (b / n).read_bytes() for n in names)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=5632)
+    parser.add_argument("--layers", type=int, default=22)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--both", action="store_true", help="also run the in-memory path and compare the files")
+    parser.add_argument("--workdir", help="where to build (default: a temporary folder, removed at the end)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        fp16 = build(tmp / "model", args.hidden, args.intermediate, args.layers, args.vocab, args.heads, args.kv_heads)
+        build_s = time.perf_counter() - t0
+        calib = tmp / "calib.txt"
+        calib.write_text(" ".join(f"t{(i * 7919) % args.vocab}" for i in range(20000)))
+        runs = {"streaming": quantize(tmp / "model", tmp / "q-stream", calib, "on")}
+        if args.both:
+            runs["in-memory"] = quantize(tmp / "model", tmp / "q-memory", calib, "off")
+        identical = same_files(tmp / "q-stream", tmp / "q-memory") if args.both else None
+        shards = len(list((tmp / "model").glob("*.safetensors")))
+    print(f"synthetic Llama: hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, vocab "
+          f"{args.vocab}: {fp16 / 1e9:.2f} GB in fp16, {shards} shards (built in {build_s:.0f} s)\n")
+    print("| path | peak RSS | x fp16 size | search s | s per block | wall s |\n|---|---|---|---|---|---|")
+    for name, r in runs.items():
+        print(f"| {name} | {r['peak_rss_bytes'] / 1e9:.2f} GB | {r['peak_rss_bytes'] / fp16:.2f} | {r['seconds']:.0f} | "
+              f"{r['seconds'] / args.layers:.1f} | {r['wall_seconds']:.0f} |")
+    if identical is not None:
+        print(f"\ncheckpoints byte-identical: {identical}")
+    print(json.dumps({"fp16_bytes": fp16, "layers": args.layers, "runs": runs, "identical": identical}))
+    return 0 if identical in (None, True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
