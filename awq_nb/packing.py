@@ -2,7 +2,7 @@
 
 The quantizer works on ``nn.Linear.weight`` layout ``[N, K]`` (N = out_features, K =
 in_features) with ``scale``/``zero`` of shape ``[N, K/g]``. The AWQ "gemm" checkpoint format
-(shared/AWQ_FORMAT.md, docs/format.md) stores the transpose, with 4-bit codes packed eight to an
+(docs/format.md) stores the transpose, with 4-bit codes packed eight to an
 int32 along N in the AWQ nibble order (:mod:`awq_nb.kernels.layout`)::
 
     qweight  int32 [K,   N/8]    codes q[n, k] in 0..15

@@ -4,7 +4,7 @@ All functions take a weight ``w`` of shape ``[N, K]`` (rows = output channels, c
 channels, the ``nn.Linear.weight`` layout) and work on groups of ``group_size`` consecutive input
 channels of one row; ``group_size=-1`` means one group per row (per-channel).
 
-Asymmetric (``zero_point=True``, the AutoAWQ "gemm" semantics, see shared/AWQ_FORMAT.md)::
+Asymmetric (``zero_point=True``, the AutoAWQ "gemm" semantics, see docs/format.md)::
 
     scale = (max - min).clamp(min=1e-5) / (2**bits - 1)
     zero  = clamp(-round(min / scale), 0, 2**bits - 1)

@@ -1,5 +1,5 @@
 """Tests for awq_nb.checkpoint: save -> load round trips, the files we write, corrupt checkpoints,
-atomic writes, and an independent decoder of the AutoAWQ "gemm" format (from shared/AWQ_FORMAT.md).
+atomic writes, and an independent decoder of the AutoAWQ "gemm" format (from docs/format.md).
 
 Tolerances. The loaded model differs from the fake-quantized one only by the fp16 rounding of the
 scales (the codes are the same integers, all other weights are fp16-representable here). So:
@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 G = 64
-AWQ_ORDER_FROM_SPEC = [0, 2, 4, 6, 1, 3, 5, 7]  # shared/AWQ_FORMAT.md, written out independently of kernels/
+AWQ_ORDER_FROM_SPEC = [0, 2, 4, 6, 1, 3, 5, 7]  # docs/format.md, written out independently of kernels/
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,7 +85,7 @@ def logits(model, ids):
 
 
 def decode_gemm(qweight, qzeros, scales, group_size):
-    """Independent decoder of one AutoAWQ "gemm" Linear, from the facts in shared/AWQ_FORMAT.md:
+    """Independent decoder of one AutoAWQ "gemm" Linear, from the facts in docs/format.md:
     nibble i of word c holds column c*8 + ORDER[i]; W^T[k, n] = (q[k, n] - z[k//g, n]) * s[k//g, n]."""
 
     def unpack(words):
@@ -167,7 +167,7 @@ def test_files_and_config(saved):
 
 
 def test_checkpoint_decodes_as_the_format_describes(saved):
-    """Our files, read by a decoder written from AWQ_FORMAT.md alone, give the fake-quant weights."""
+    """Our files, read by a decoder written from docs/format.md alone, give the fake-quant weights."""
     tensors = load_file(str(saved["out"] / "model.safetensors"))
     for name, m in find_quantizable(saved["fq16"]).items():
         w = decode_gemm(tensors[f"{name}.qweight"], tensors[f"{name}.qzeros"], tensors[f"{name}.scales"], G)

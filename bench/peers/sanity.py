@@ -12,7 +12,7 @@ never overlap. Perplexity is exp(mean token NLL) over non-overlapping windows.
 A peer folder made from a truncated copy (`truncate`) is spliced into the full --fp model: its
 layers replace the first ones and the rest stay fp, so a 2-layer smoke run still gives a
 full-model perplexity; use --rtn-layers to quantize the same layers for the RTN baseline.
-The RTN baseline is plain asymmetric per-group round-to-nearest (AWQ_FORMAT.md's quantizer)
+The RTN baseline is plain asymmetric per-group round-to-nearest (docs/format.md's quantizer)
 applied to every Linear inside the decoder layers, the same set the peers quantize.
 """
 
