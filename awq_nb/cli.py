@@ -168,25 +168,39 @@ def cmd_quantize(a) -> dict:
             model.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
             fmt = "fake-quant"
-        if a.save_search == "inside":
-            result.save(tmp / SEARCH_FILE)
-        summary = {
-            "out": str(out), "format": fmt, "model": a.model, "config": config.tag,
-            "seconds": round(seconds, 2), "total_seconds": round(time.perf_counter() - t0, 2),
-            "peak_memory_bytes": _peak_memory(a.device), "n_samples": a.n_samples, "seqlen": a.seqlen,
-            "peak_rss_bytes_by_stage": {**peaks, "saved": peak_rss_bytes()}, "streaming": False,
-            "peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": _peak_device_bytes(a.device),
-        }
-        (tmp / "awq_nb_summary.json").write_text(json.dumps(summary, indent=2))
-        for f in tmp.iterdir():  # mkdtemp made everything private; a model folder is for sharing
-            f.chmod(0o644)
-        tmp.chmod(0o755)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
+        summary = _summary(a, config, out, fmt, seconds, t0, peaks, streaming=False)
+        _commit_out(a, tmp, out, result, summary)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    return _save_search_beside(a, out, result, summary)
+
+
+def _summary(a, config: AWQConfig, out: Path, fmt: str, seconds: float, t0: float, peaks: dict, streaming: bool) -> dict:
+    """The JSON summary of a quantize run (written into the output folder and printed)."""
+    return {
+        "out": str(out), "format": fmt, "model": a.model, "config": config.tag,
+        "seconds": round(seconds, 2), "total_seconds": round(time.perf_counter() - t0, 2),
+        "peak_memory_bytes": _peak_memory(a.device), "n_samples": a.n_samples, "seqlen": a.seqlen,
+        "peak_rss_bytes_by_stage": {**peaks, "saved": peak_rss_bytes()}, "streaming": streaming,
+        "peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": _peak_device_bytes(a.device),
+    }
+
+
+def _commit_out(a, tmp: Path, out: Path, result, summary: dict) -> None:
+    """Search results (when asked inside) and summary into the partial folder, then rename it into place."""
+    if a.save_search == "inside":
+        result.save(tmp / SEARCH_FILE)
+    (tmp / "awq_nb_summary.json").write_text(json.dumps(summary, indent=2))
+    for f in tmp.iterdir():  # mkdtemp made everything private; a model folder is for sharing
+        f.chmod(0o644)
+    tmp.chmod(0o755)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+
+
+def _save_search_beside(a, out: Path, result, summary: dict) -> dict:
     if a.save_search == "beside":
         summary["search"] = str(result.save(out.parent / f"{out.name}.{SEARCH_FILE}"))
     elif a.save_search == "inside":
@@ -257,31 +271,13 @@ def _quantize_streaming(a, config: AWQConfig, out: Path, t0: float) -> dict:
         for f in (tmp / "model").iterdir():
             f.rename(tmp / f.name)
         (tmp / "model").rmdir()
-        if a.save_search == "inside":
-            result.save(tmp / SEARCH_FILE)
-        summary = {
-            "out": str(out), "format": "awq-gemm", "model": a.model, "config": config.tag,
-            "seconds": round(seconds, 2), "total_seconds": round(time.perf_counter() - t0, 2),
-            "peak_memory_bytes": _peak_memory(a.device), "n_samples": a.n_samples, "seqlen": a.seqlen,
-            "peak_rss_bytes_by_stage": {**peaks, "saved": peak_rss_bytes()}, "streaming": True,
-            "peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": _peak_device_bytes(a.device),
-            "weights_bytes": _weights_bytes(Path(folder)),
-        }
-        (tmp / "awq_nb_summary.json").write_text(json.dumps(summary, indent=2))
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        tmp.chmod(0o755)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
+        summary = {**_summary(a, config, out, "awq-gemm", seconds, t0, peaks, streaming=True),
+                   "weights_bytes": _weights_bytes(Path(folder))}
+        _commit_out(a, tmp, out, result, summary)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    if a.save_search == "beside":
-        summary["search"] = str(result.save(out.parent / f"{out.name}.{SEARCH_FILE}"))
-    elif a.save_search == "inside":
-        summary["search"] = str(out / SEARCH_FILE)
-    return summary
+    return _save_search_beside(a, out, result, summary)
 
 
 def _check_device(device: str) -> None:

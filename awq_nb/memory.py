@@ -43,38 +43,32 @@ def peak_rss_bytes() -> int:
     used there because Linux carries it across ``fork`` + ``exec``: a quantizer started by a
     benchmark that holds a 2 GB model reported the parent's 2 GB (measured 2026-11-28). Falls
     back to ``ru_maxrss`` elsewhere (KiB on Linux, bytes on macOS)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    hwm = _proc_kib("/proc/self/status", "VmHWM:")
+    if hwm is not None:
+        return hwm
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def current_rss_bytes() -> int:
-    """Resident set size of this process now (``VmRSS``; 0 where /proc is missing)."""
+def _proc_kib(path: str, key: str) -> int | None:
+    """The ``key: N kB`` line of a /proc file, in bytes (None where it cannot be read)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def available_ram_bytes() -> int | None:
-    """``MemAvailable`` from /proc/meminfo (None where it cannot be read)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (``VmRSS``; 0 where /proc is missing)."""
+    return _proc_kib("/proc/self/status", "VmRSS:") or 0
+
+
+def available_ram_bytes() -> int | None:
+    """``MemAvailable`` from /proc/meminfo (None where it cannot be read)."""
+    return _proc_kib("/proc/meminfo", "MemAvailable:")
