@@ -1,4 +1,5 @@
 """The streaming path writes the in-memory path's checkpoint, byte for byte, one block in memory at a time."""
+import pytest
 import torch
 
 import awq_nb
@@ -8,16 +9,20 @@ from awq_nb.streaming import quantize_streaming
 from tiny_models import tiny_model, tiny_tokenizer
 
 
-def _model_folder(tmp_path, layers=3):
+def _model_folder(tmp_path, layers=3, tied=False):
     model = tiny_model("llama", layers=layers)
+    if tied:  # SmolLM2-style: the LM head is the embedding (not stored, not written)
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
     folder = tmp_path / "fp"
     model.save_pretrained(folder, max_shard_size="60KB")  # several safetensors shards, with an index
     tiny_tokenizer().save_pretrained(folder)
     return folder
 
 
-def test_streaming_checkpoint_equals_the_in_memory_one(tmp_path):
-    folder = _model_folder(tmp_path)
+@pytest.mark.parametrize("tied", [False, True])
+def test_streaming_checkpoint_equals_the_in_memory_one(tmp_path, tied):
+    folder = _model_folder(tmp_path, tied=tied)
     assert len(list(folder.glob("*.safetensors"))) > 2
     tokens = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
     config = AWQConfig(w_bit=4, group_size=32, n_grid=4, clip_grid=4, modules_to_not_convert=["layers.1.mlp.up_proj"])
@@ -35,6 +40,7 @@ def test_streaming_checkpoint_equals_the_in_memory_one(tmp_path):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert [r.best_alpha for r in streamed.scales] == [r.best_alpha for r in result.scales]
     load_quantized(b)  # and it loads, checksums verified
+    assert ("lm_head.weight" in (b / "model.safetensors.index.json").read_text()) == (not tied)
 
 
 def test_streaming_holds_one_block(tmp_path, monkeypatch):
