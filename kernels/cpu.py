@@ -32,7 +32,7 @@ import torch
 
 from awq_nb.errors import AwqNbError
 
-from .layout import AWQ_REVERSE_ORDER, BITS, PACK_FACTOR
+from .layout import unpack_awq
 from .validate import check_activation, check_awq_weight
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what aten._weight_int4pack_mm_for_cpu accepts
@@ -40,13 +40,6 @@ INT4_N_MULTIPLE = 16                   # and N must be a multiple of this
 INT4_MIDPOINT = 8                      # its codes are centred on 8: w = (q - 8) * scale + zero
 INT4_DTYPES = (torch.bfloat16, torch.float32)  # bf16 is the fast one; fp32 is exact but slow
 _INNER_K_TILES = 1                     # ignored by the CPU conversion, required by its signature
-
-
-def _unpack_grouped(packed: torch.Tensor) -> torch.Tensor:
-    """``[R, C/8]`` int32 -> ``[R, C]`` int32 codes in natural column order (one broadcast shift)."""
-    shifts = torch.tensor([BITS * AWQ_REVERSE_ORDER[j] for j in range(PACK_FACTOR)], dtype=torch.int32,
-                          device=packed.device)
-    return ((packed.unsqueeze(-1) >> shifts) & 0xF).reshape(packed.shape[0], -1)
 
 
 def dequantize_cpu(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
@@ -58,8 +51,8 @@ def dequantize_cpu(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Te
     """
     k, n = check_awq_weight(qweight, qzeros, scales, group_size)
     groups = k // group_size
-    q = _unpack_grouped(qweight).view(groups, group_size, n)
-    z = _unpack_grouped(qzeros).view(groups, 1, n)
+    q = unpack_awq(qweight).view(groups, group_size, n)
+    z = unpack_awq(qzeros).view(groups, 1, n)
     return ((q - z).to(dtype) * scales.to(dtype).unsqueeze(1)).view(k, n)
 
 
@@ -111,10 +104,10 @@ def prepare_cpu_int4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.
                          "cpu_weight (dequantize + matmul) for this layer.")
     if dtype not in INT4_DTYPES:
         raise AwqNbError(f"prepare_cpu_int4: dtype must be one of {INT4_DTYPES}, got {dtype}")
-    q = _unpack_grouped(qweight).t().contiguous()             # [N, K] codes 0..15
+    q = unpack_awq(qweight).t().contiguous()             # [N, K] codes 0..15
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, _INNER_K_TILES)
     s = scales.float()                                        # [K/g, N]
-    z = _unpack_grouped(qzeros).float()                       # [K/g, N]
+    z = unpack_awq(qzeros).float()                       # [K/g, N]
     scale_and_zero = torch.stack([s, (INT4_MIDPOINT - z) * s], dim=-1).to(dtype).contiguous()
     return CpuInt4Weight(packed, scale_and_zero, group_size, k, n)
 

@@ -35,10 +35,10 @@ def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
                          "AWQ qweight/qzeros are int32 (load them without casting).")
     if packed.dim() != 2:
         raise AwqNbError(f"unpack_awq: expected a 2-D packed tensor [R, C/8], got shape {tuple(packed.shape)}")
-    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=packed.device)
-    nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF  # [R, C/8, 8], nibble order
-    order = torch.tensor(AWQ_REVERSE_ORDER, device=packed.device)
-    return nibbles[..., order].reshape(packed.shape[0], -1)
+    # column j of each word sits in nibble AWQ_REVERSE_ORDER[j]: one broadcast shift puts them in order
+    shifts = torch.tensor([BITS * AWQ_REVERSE_ORDER[j] for j in range(PACK_FACTOR)], dtype=torch.int32,
+                          device=packed.device)
+    return ((packed.unsqueeze(-1) >> shifts) & 0xF).reshape(packed.shape[0], -1)
 
 
 def pack_awq(values: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 
 from awq_nb.errors import AwqNbError
 
-from .layout import AWQ_ORDER, AWQ_REVERSE_ORDER, BITS, PACK_FACTOR, pack_awq, unpack_awq
+from .layout import AWQ_ORDER, BITS, PACK_FACTOR, pack_awq, unpack_awq
 from .validate import check_awq_weight
 
 CHUNK_WORDS = 1 << 22  # int32 words repacked at a time (16 MB of codes in flight)
@@ -92,11 +92,10 @@ def check_native(w: NativeInt4) -> tuple[int, int]:
     return k, n
 
 
-def _codes_by_column(packed: torch.Tensor) -> torch.Tensor:
-    """``[R, C/8]`` AWQ words -> uint8 ``[R, C]`` codes in natural column order."""
-    shifts = torch.tensor([BITS * AWQ_REVERSE_ORDER[j] for j in range(PACK_FACTOR)], dtype=torch.int32,
-                          device=packed.device)
-    return ((packed.unsqueeze(-1) >> shifts) & 0xF).to(torch.uint8).reshape(packed.shape[0], -1)
+def _codes_along_k(words: torch.Tensor) -> torch.Tensor:
+    """Native words ``[R, N]`` -> int32 codes ``[8R, N]`` in natural k order: the checkpoint's
+    unpacking, along the other axis (a word holds k offsets in the same nibble order)."""
+    return unpack_awq(words.t()).t()
 
 
 def _pack_along_k(codes: torch.Tensor) -> torch.Tensor:
@@ -117,9 +116,9 @@ def to_native(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
     out = torch.empty((k // PACK_FACTOR, n), dtype=torch.int32, device=qweight.device)
     rows = max(PACK_FACTOR, (CHUNK_WORDS // max(n, 1)) // PACK_FACTOR * PACK_FACTOR)
     for start in range(0, k, rows):
-        codes = _codes_by_column(qweight[start:start + rows])
+        codes = unpack_awq(qweight[start:start + rows])
         out[start // PACK_FACTOR:(start + codes.shape[0]) // PACK_FACTOR] = _pack_along_k(codes)
-    return NativeInt4(out, _codes_by_column(qzeros), scales, group_size)
+    return NativeInt4(out, unpack_awq(qzeros).to(torch.uint8), scales, group_size)
 
 
 def from_native(w: NativeInt4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -127,27 +126,17 @@ def from_native(w: NativeInt4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     k, n = check_native(w)
     qweight = torch.empty((k, n // PACK_FACTOR), dtype=torch.int32, device=w.device)
     rows = max(1, CHUNK_WORDS // max(n, 1))
-    shifts = torch.tensor([BITS * i for i in range(PACK_FACTOR)], dtype=torch.int32, device=w.device)
-    inverse = torch.tensor(AWQ_REVERSE_ORDER, device=w.device)
     for start in range(0, k // PACK_FACTOR, rows):
-        words = w.qweight[start:start + rows]                               # [r, N]
-        nibbles = (words.unsqueeze(1) >> shifts[None, :, None]) & 0xF      # [r, 8 (nibble), N]
-        codes = nibbles[:, inverse].reshape(-1, n)                          # [8r, N], natural k order
-        qweight[start * PACK_FACTOR:(start + words.shape[0]) * PACK_FACTOR] = pack_awq(codes)
+        codes = _codes_along_k(w.qweight[start:start + rows])               # [8r, N], natural k order
+        qweight[start * PACK_FACTOR:start * PACK_FACTOR + codes.shape[0]] = pack_awq(codes)
     return qweight, pack_awq(w.zeros.to(torch.int32)), w.scales
-
-
-def unpack_native(w: NativeInt4) -> torch.Tensor:
-    """int32 codes ``[K, N]`` of a native weight (plain torch; for tests and notebooks)."""
-    return unpack_awq(from_native(w)[0])
 
 
 def dequantize_native(w: NativeInt4, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``W^T [K, N]`` of a native weight in plain torch (any device; where Triton is missing), equal to
     :func:`~awq_nb.kernels.reference.dequantize_ref` of the checkpoint tensors in ``scales.dtype``."""
-    k, n = check_native(w)
-    shifts = torch.tensor([BITS * AWQ_REVERSE_ORDER[j] for j in range(PACK_FACTOR)], dtype=torch.int32, device=w.device)
-    codes = ((w.qweight.unsqueeze(1) >> shifts[None, :, None]) & 0xF).reshape(k, n)      # natural k order
+    check_native(w)
+    codes = _codes_along_k(w.qweight)
     z = w.zeros.to(torch.int32).repeat_interleave(w.group_size, dim=0)
     s = w.scales.float().repeat_interleave(w.group_size, dim=0)
     return ((codes - z).float() * s).to(dtype or w.scales.dtype)
