@@ -231,20 +231,14 @@ def _use_streaming(a, packed: bool) -> bool:
     if a.streaming == "on":
         return True
     from .memory import available_ram_bytes
-    from .models import resolve_model_path
+    from .models import BUNDLED_MODELS, resolve_model_path
 
     p = Path(a.model).expanduser()
-    if not (p.is_dir() or a.model.lower() in _bundled()):
+    if not (p.is_dir() or a.model.lower() in BUNDLED_MODELS):
         return False
     folder = Path(resolve_model_path(a.model))
     avail = available_ram_bytes()
     return avail is not None and folder.is_dir() and _weights_bytes(folder) > STREAM_FRACTION * avail
-
-
-def _bundled():
-    from .models import BUNDLED_MODELS
-
-    return BUNDLED_MODELS
 
 
 def _quantize_streaming(a, config: AWQConfig, out: Path, t0: float) -> dict:

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from awq_nb.errors import AwqNbError
 
+from .validate import check_activation
 
 _TRUE = ("1", "true", "on", "yes")
 
@@ -126,7 +127,7 @@ def graph_bench(fn, quantiles=None, calls: int = 20, replays: int = 7, flush_l2:
 
 
 SPLIT_K_MAX_M = 128  # batches above this have enough output tiles; their configs use SPLIT_K = 1
-MIN_BLOCK_M, MIN_BLOCK_N = 16, 32  # smallest output tiles of any split-K launch (sizes the counters)
+MIN_BLOCK_N = 32  # narrowest output tile of any split-K launch (sizes the ticket counters)
 
 _SCRATCH: dict = {}
 
@@ -199,6 +200,19 @@ def split_for(tiles: int, k_steps: int, sms: int, ctas_per_sm: int = 4, max_spli
     return split
 
 
+def check_native_launch(name: str, x: torch.Tensor, w, bias) -> tuple[int, int]:
+    """The checks every native-layout kernel wrapper makes before launching; returns ``(K, N)``."""
+    from .native import check_native
+
+    k, n = check_native(w)
+    check_activation(x, k, w.device, bias, n)
+    if x.dtype not in (torch.float16, torch.bfloat16) or w.scales.dtype not in (torch.float16, torch.bfloat16):
+        raise AwqNbError(f"{name} takes float16/bfloat16 x and scales, got {x.dtype} and {w.scales.dtype}; "
+                         "cast them (awq_matmul does this for float32).")
+    check_launchable(x, name)
+    return k, n
+
+
 def aligned_activation(x: torch.Tensor) -> torch.Tensor:
     """``x`` itself when its rows start on 16 bytes and its last dimension is contiguous (the GEMV
     reads eight values per 128-bit load), else an aligned copy."""
@@ -214,5 +228,5 @@ def launch_buffers(x: torch.Tensor, n: int):
     if m > SPLIT_K_MAX_M:  # no split-K launch at this M; the pointers are never read
         return out, out, out
     workspace = zeroed_scratch("workspace", m * n, torch.float32, x.device)
-    tickets = zeroed_scratch("tickets", triton.cdiv(m, 1) * triton.cdiv(n, MIN_BLOCK_N), torch.int32, x.device)
+    tickets = zeroed_scratch("tickets", m * triton.cdiv(n, MIN_BLOCK_N), torch.int32, x.device)  # >= tiles
     return out, workspace, tickets

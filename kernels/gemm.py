@@ -46,13 +46,10 @@ import torch
 import triton
 import triton.language as tl
 
-from awq_nb.errors import AwqNbError
-
-from .common import (SPLIT_K_MAX_M, check_launchable, is_interpreting, launch_buffers, sm_count, split_for,
+from .common import (SPLIT_K_MAX_M, check_native_launch, is_interpreting, launch_buffers, sm_count, split_for,
                      write_tile)
-from .native import NativeInt4, check_native
+from .native import NativeInt4
 from .nibbles import codes_minus_zero, dequant_f16, load_scale_f32, load_scale_pair, load_zero
-from .validate import check_activation
 
 BLOCK_N = 128
 BLOCK_K = 128
@@ -179,12 +176,7 @@ def awq_gemm(x: torch.Tensor, w: NativeInt4, bias: torch.Tensor | None = None,
     """``x @ W^T (+ bias)`` with Triton for any M (tuned for 2..64) on a native weight
     (:func:`awq_nb.kernels.native.to_native`). ``x`` fp16/bf16 ``[M, K]``; returns ``[M, N]`` in
     ``x.dtype`` (fp32 accumulation). ``config`` overrides :func:`launch_config`."""
-    k, n = check_native(w)
-    check_activation(x, k, w.device, bias, n)
-    if x.dtype not in (torch.float16, torch.bfloat16) or w.scales.dtype not in (torch.float16, torch.bfloat16):
-        raise AwqNbError(f"awq_gemm takes float16/bfloat16 x and scales, got {x.dtype} and {w.scales.dtype}; "
-                         "cast them (awq_matmul does this for float32).")
-    check_launchable(x, "awq_gemm")
+    k, n = check_native_launch("awq_gemm", x, w, bias)
     m = x.shape[0]
     config = config or launch_config(m, n, k, w.group_size, sm_count(x.device))
     out, workspace, tickets = launch_buffers(x, n)

@@ -48,10 +48,10 @@ import triton.language as tl
 
 from awq_nb.errors import AwqNbError
 
-from .common import aligned_activation, check_launchable, is_interpreting, launch_buffers, sm_count, split_for, write_tile
-from .native import NativeInt4, check_native
+from .common import (aligned_activation, check_native_launch, is_interpreting, launch_buffers, sm_count, split_for,
+                     write_tile)
+from .native import NativeInt4
 from .nibbles import codes_minus_zero, load_scale_f32, load_x8, load_zero
-from .validate import check_activation
 
 MAX_ROWS = 8  # most rows of x in one launch; larger batches belong to the tensor-core GEMM
 BLOCK_N = 128
@@ -153,16 +153,11 @@ def awq_gemv(x: torch.Tensor, w: NativeInt4, bias: torch.Tensor | None = None,
     """``x @ W^T (+ bias)`` for ``1 <= M <= 8`` rows of fp16/bf16 ``x [M, K]`` and a native weight
     (:func:`awq_nb.kernels.native.to_native`). Returns ``[M, N]`` in ``x.dtype`` (fp32 accumulation).
     ``config`` overrides :func:`launch_config` (benchmarks, tests)."""
-    k, n = check_native(w)
-    check_activation(x, k, w.device, bias, n)
+    k, n = check_native_launch("awq_gemv", x, w, bias)
     m = x.shape[0]
     if not 1 <= m <= MAX_ROWS:
         raise AwqNbError(f"awq_gemv takes 1..{MAX_ROWS} rows, got x with M={m}; use awq_nb.kernels.awq_gemm "
                          "or awq_matmul, which picks the kernel from M.")
-    if x.dtype not in (torch.float16, torch.bfloat16) or w.scales.dtype not in (torch.float16, torch.bfloat16):
-        raise AwqNbError(f"awq_gemv takes float16/bfloat16 x and scales, got {x.dtype} and {w.scales.dtype}; "
-                         "cast them (awq_matmul does this for float32).")
-    check_launchable(x, "awq_gemv")
     x = aligned_activation(x)
     config = config or launch_config(m, n, k, w.group_size, sm_count(x.device))
     if w.group_size % config.block_k:
