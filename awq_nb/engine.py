@@ -26,7 +26,7 @@ from .memory import trim
 from .progress import Progress, console_progress
 from .search import apply_clip_, clip_ratio_grid, gram_loss, search_clip, search_scales, unscaled_gram
 from .trace import BlockTrace, trace_block
-from .wqlinear import matches_any
+from .wqlinear import WQLinear, matches_any
 
 
 def tqdm_progress() -> Progress:
@@ -37,12 +37,19 @@ def tqdm_progress() -> Progress:
 
 def check_not_quantized(model: nn.Module) -> None:
     """An AWQ checkpoint loaded back has WQLinear layers: quantizing it again is a mistake to name."""
-    from .wqlinear import WQLinear
-
     done = next((n for n, m in model.named_modules() if isinstance(m, WQLinear)), None)
     if done is not None:
         raise AwqNbError(f"the model is already AWQ-quantized ({done} is a WQLinear): quantize the original "
                          "floating-point model instead.")
+
+
+def check_finite(module: nn.Module, prefix: str = "") -> None:
+    """NaN/inf in any floating parameter of ``module`` (not yet on the meta device) is an error
+    naming it (``prefix`` + its name)."""
+    for name, t in module.named_parameters():
+        if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
+            raise AwqNbError(f"{prefix}{name} has NaN or inf values: the checkpoint is corrupt or was saved after a "
+                             "diverged step; every later result would be NaN.")
 
 
 def check_model(model: nn.Module, config: AWQConfig) -> list[str]:
@@ -53,10 +60,7 @@ def check_model(model: nn.Module, config: AWQConfig) -> list[str]:
     the group size is an error naming it and the sizes that fit, unless ``config.skip_indivisible``.
     """
     check_not_quantized(model)
-    for name, t in model.named_parameters():
-        if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
-            raise AwqNbError(f"{name} has NaN or inf values: the checkpoint is corrupt or was saved after a diverged "
-                             "step; every later result would be NaN.")
+    check_finite(model)
     quantizable = find_quantizable(model)
     # One rule, the one checkpoints are read with (AutoAWQ, transformers, vLLM): a pattern keeps every
     # Linear whose full name contains it. Resolved once here to full names, so that what the search

@@ -244,17 +244,26 @@ def _bundled_hint() -> str:
     return ", ".join(sorted(BUNDLED_MODELS))
 
 
-def quant_method(path: str) -> str | None:
-    """The ``quantization_config.quant_method`` of a local model folder (lower case), if any."""
+def _read_config(path: str) -> dict | None:
+    """A local model folder's config.json (None when it has none)."""
     cfg = Path(path) / "config.json"
     if not cfg.exists():
         return None
     try:
-        q = json.loads(cfg.read_text()).get("quantization_config") or {}
+        return json.loads(cfg.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AwqNbError(f"{cfg} is not valid JSON ({e}); the folder is damaged: fetch it again.") from None
+
+
+def _method_of(cfg: dict | None) -> str | None:
+    q = (cfg or {}).get("quantization_config") or {}
     method = q.get("quant_method") if isinstance(q, dict) else None
     return str(method).lower() if method else None
+
+
+def quant_method(path: str) -> str | None:
+    """The ``quantization_config.quant_method`` of a local model folder (lower case), if any."""
+    return _method_of(_read_config(path))
 
 
 def is_awq_checkpoint(path: str) -> bool:
@@ -267,12 +276,12 @@ _READERS = {"gptq": "transformers with optimum and gptqmodel", "bitsandbytes": "
 
 def _check_local_folder(path: str, trust_remote_code: bool) -> None:
     """Refuse other quantization formats with what reads them; note custom code that will be ignored."""
-    method = quant_method(path)
+    cfg = _read_config(path) or {}
+    method = _method_of(cfg)
     if method and method != "awq":
         reader = _READERS.get(method, "the tool that wrote it")
         raise AwqNbError(f"{path} is a {method} checkpoint, not AWQ: awq-nb reads AWQ 'gemm' checkpoints. "
                          f"{reader} reads it; to quantize with AWQ, start from the original floating-point model.")
-    cfg = json.loads((Path(path) / "config.json").read_text())
     _check_causal_lm(path, cfg, trust_remote_code)
     if cfg.get("auto_map") and not trust_remote_code:
         warnings.warn(f"{path}: config.json names custom code (auto_map) that is ignored; the built-in "

@@ -29,7 +29,7 @@ from .arch import get_blocks, get_spec
 from .checkpoint import (ShardWriter, _check_target, _open, _shards, _tensor_files, _units, output_dtype, parse_size,
                          remove_stale_partials)
 from .config import AWQConfig
-from .engine import _resolve_calib, apply_block, search_blocks
+from .engine import _resolve_calib, apply_block, check_finite, search_blocks
 from .errors import AwqNbError
 from .memory import trim
 from .models import _check_local_folder, _check_pickle_only, quant_method, resolve_model_path
@@ -162,9 +162,7 @@ def quantize_streaming(path, out_dir, config: AWQConfig, calib="sotu", n_samples
                 if k in written and k not in head:
                     _drop(model, k)
         load_tensors(model, block_keys[i], located, dtype)
-        for name, p in block.named_parameters():
-            if p.is_floating_point() and not torch.isfinite(p).all():
-                raise AwqNbError(f"{prefix}{i}.{name} has NaN or inf values: the checkpoint is corrupt.")
+        check_finite(block, f"{prefix}{i}.")  # check_model saw it on the meta device
 
     result = None
     try:
