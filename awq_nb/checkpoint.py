@@ -18,6 +18,7 @@ name, shape and dtype first.
 from __future__ import annotations
 
 import copy
+import glob
 import hashlib
 import json
 import os
@@ -243,7 +244,7 @@ def remove_stale_partials(out: Path) -> list[Path]:
     if not out.parent.is_dir():
         return []
     stale = []
-    for p in out.parent.glob(f".{glob_escape(out.name)}.*"):
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*"):
         if not p.is_dir() or not (p.name.endswith((".partial", ".old")) or ".partial-" in p.name):
             continue
         if p.stat().st_mtime < _PROCESS_START:
@@ -253,10 +254,6 @@ def remove_stale_partials(out: Path) -> list[Path]:
         warnings.warn(f"removed {len(stale)} unfinished folder(s) left by an interrupted save of {out}: "
                       f"{', '.join(p.name for p in stale)}", stacklevel=2)
     return stale
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def _commit(tmp: Path, out: Path) -> None:

@@ -471,12 +471,7 @@ def compile_case(name: str, m: int, capability: int, k: int = 4096, n: int = 409
 
     w = sass.example_native(k, n, group_size, dtype)
     if name == "dequant":
-        out = torch.empty(k, n, dtype=dtype)
-        args = (w.qweight, w.zeros, w.scales, out, k, n, w.qweight.stride(0), w.zeros.stride(0), w.scales.stride(0),
-                out.stride(0))
-        meta = dict(GROUP_SIZE=group_size, BLOCK_K=dequant.BLOCK_K, BLOCK_N=dequant.BLOCK_N,
-                    F16_ASM=dtype == torch.float16, USE_ASM=True, num_warps=dequant.NUM_WARPS, num_stages=1,
-                    enable_fp_fusion=True)
+        args, meta = dequant.kernel_args(w, torch.empty(k, n, dtype=dtype), use_asm=True)
         compiled = sass.compile_launch(dequant._dequantize_kernel, args, meta, capability)
         per_step, ctas, config = dequant.BLOCK_K * dequant.BLOCK_N // (32 * dequant.NUM_WARPS), (
             lambda kk, nn: -(-kk // dequant.BLOCK_K) * -(-nn // dequant.BLOCK_N)), "one tile per program"

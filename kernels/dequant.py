@@ -76,10 +76,15 @@ def awq_dequantize(w: NativeInt4) -> torch.Tensor:
                          "use awq_nb.kernels.dequantize_ref for float32.")
     check_launchable(w.qweight, "awq_dequantize")
     out = torch.empty((k, n), dtype=w.scales.dtype, device=w.device)
-    grid = (triton.cdiv(k, BLOCK_K), triton.cdiv(n, BLOCK_N))
-    _dequantize_kernel[grid](w.qweight, w.zeros, w.scales, out, k, n, w.qweight.stride(0), w.zeros.stride(0),
-                             w.scales.stride(0), out.stride(0), GROUP_SIZE=w.group_size, BLOCK_K=BLOCK_K,
-                             BLOCK_N=BLOCK_N, F16_ASM=w.scales.dtype == torch.float16,
-                             USE_ASM=not is_interpreting(), num_warps=NUM_WARPS, num_stages=1,
-                             enable_fp_fusion=True)
+    args, meta = kernel_args(w, out, use_asm=not is_interpreting())
+    _dequantize_kernel[(triton.cdiv(k, BLOCK_K), triton.cdiv(n, BLOCK_N))](*args, **meta)
     return out
+
+
+def kernel_args(w: NativeInt4, out: torch.Tensor, use_asm: bool):
+    """Positional and keyword arguments of :func:`_dequantize_kernel` (shared with the compile report)."""
+    args = (w.qweight, w.zeros, w.scales, out, w.in_features, w.out_features, w.qweight.stride(0), w.zeros.stride(0),
+            w.scales.stride(0), out.stride(0))
+    meta = dict(GROUP_SIZE=w.group_size, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, F16_ASM=w.scales.dtype == torch.float16,
+                USE_ASM=use_asm, num_warps=NUM_WARPS, num_stages=1, enable_fp_fusion=True)
+    return args, meta
