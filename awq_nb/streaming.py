@@ -80,9 +80,8 @@ def _drop(model: nn.Module, key: str) -> None:
     set_module_tensor_to_device(model, key, "meta")
 
 
-def _block_of(keys, prefix: str) -> int | None:
-    """The decoder block a unit's tensors belong to (None: outside the blocks)."""
-    key = next(iter(keys))
+def _block_of(key: str, prefix: str) -> int | None:
+    """The decoder block a tensor belongs to (None: outside the blocks)."""
     if not key.startswith(prefix):
         return None
     return int(key[len(prefix):].split(".", 1)[0])
@@ -128,7 +127,7 @@ def quantize_streaming(path, out_dir, config: AWQConfig, calib="sotu", n_samples
     block_keys = defaultdict(list)
     for key in located:
         if key.startswith(prefix):
-            block_keys[int(key[len(prefix):].split(".", 1)[0])].append(key)
+            block_keys[_block_of(key, prefix)].append(key)
 
     convert, kept = select_modules(model, config)
     odtype = output_dtype(model, out_dtype)
@@ -137,7 +136,7 @@ def quantize_streaming(path, out_dir, config: AWQConfig, calib="sotu", n_samples
     # block; the tensors outside the blocks before block 0 (embeddings) or after the last (norm, head)
     order, seen_block = [], False
     for unit in (u for shard in plan for u in shard):
-        block = _block_of(unit[0], prefix)
+        block = _block_of(next(iter(unit[0])), prefix)  # a unit's tensors share one owner
         seen_block = seen_block or block is not None
         order.append((unit, block if block is not None else (len(blocks) if seen_block else -1)))
     writer = ShardWriter(out, plan, save_progress)
@@ -146,7 +145,7 @@ def quantize_streaming(path, out_dir, config: AWQConfig, calib="sotu", n_samples
     def flush(last_block: int) -> None:  # produce, in plan order, every unit whose tensors are final
         nonlocal done
         while done < len(order) and order[done][1] <= last_block:
-            unit, block = order[done]
+            unit = order[done][0]
             lazy = [k for k in unit[0] if k in head]
             if lazy:
                 load_tensors(model, lazy, located, dtype)
