@@ -38,6 +38,12 @@ class AWQConfig:
     clipped together (awq_nb/search.py; the trace then keeps each Linear's full ``X^T X``).
     ``clip_sweeps=0`` scores each group alone.
 
+    Rounding: ``rounding`` picks how the scaled and clipped weights become integer codes
+    (:mod:`awq_nb.rounding`): ``"rtn"`` rounds each weight to nearest (AWQ as published);
+    ``"gptq"`` rounds column by column and pushes each column's error onto the columns not yet
+    rounded through the inverse Gram matrix of the layer's input (GPTQ on the AWQ grid). Both
+    searches score their candidates with round-to-nearest whatever the final rounding.
+
     ``skip_indivisible``: keep Linears whose in_features is not a multiple of ``group_size`` in
     floating point instead of raising an error.
     """
@@ -56,6 +62,7 @@ class AWQConfig:
     max_shrink: float = 0.5
     clip_chunk: int = 256
     block_chunk: int = 2  # calibration sequences per forward through a block (bounds its temporaries; docs/benchmarks.md)
+    rounding: str = "rtn"
     skip_indivisible: bool = False
     modules_to_not_convert: list[str] = field(default_factory=list)
 
@@ -70,6 +77,9 @@ class AWQConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise AwqNbError(f"{name}={v!r} must be a positive integer.")
+        from .rounding import get_rounder
+
+        get_rounder(self.rounding)  # an unknown name is an error listing the methods
         if not 0.0 < self.max_shrink < 1.0:
             raise AwqNbError(f"max_shrink={self.max_shrink!r} must lie in (0, 1): clipping keeps at least 1 - max_shrink of the max.")
 
