@@ -39,9 +39,9 @@ from .arch import find_quantizable, weight_nk
 from .config import AWQConfig
 from .errors import AwqNbError
 from .kernels.layout import PACK_FACTOR
-from .packing import SCALE_DTYPE, check_format, pack_linear
+from .packing import SCALE_DTYPE, check_format, pack_codes
 from .progress import Progress, silent
-from .quantizer import quant_params
+from .rounding import codes_for
 from .wqlinear import WQLinear, matches_any, prepare_native, select_modules
 
 QUANT_METHOD, FORMAT_VERSION = "awq", "gemm"
@@ -115,9 +115,10 @@ def _resolve_config(model: nn.Module, config: AWQConfig | None) -> tuple[AWQConf
     return config, convert, kept
 
 
-def _units(model, config, convert, dtype) -> list[tuple[dict[str, int], Callable[[], dict[str, torch.Tensor]]]]:
+def _units(model, config, convert, dtype, rounded=None) -> list[tuple[dict[str, int], Callable[[], dict[str, torch.Tensor]]]]:
     """The checkpoint as units ``(bytes per tensor name, producer)``; a packed Linear is one unit,
-    so its tensors never straddle two shards."""
+    so its tensors never straddle two shards. ``rounded``: codes by Linear name (looked up when the
+    unit is produced, so the streaming path may fill it block by block)."""
     tied_key = _tied_output_key(model)
     wq = {n for n, m in model.named_modules() if isinstance(m, WQLinear)}
     units, done = [], set()
@@ -132,7 +133,7 @@ def _units(model, config, convert, dtype) -> list[tuple[dict[str, int], Callable
                      f"{owner}.scales": k // config.group_size * n * 2}
             if getattr(convert[owner], "bias", None) is not None:
                 sizes[f"{owner}.bias"] = n * dtype.itemsize
-            units.append((sizes, lambda m=convert[owner], o=owner: _pack_module(m, o, config, dtype)))
+            units.append((sizes, lambda m=convert[owner], o=owner: _pack_module(m, o, config, dtype, rounded)))
             continue
         if owner in wq and key.endswith(".scales"):
             out_dtype = SCALE_DTYPE
@@ -150,12 +151,12 @@ def _live(model: nn.Module, key: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _pack_module(m: nn.Module, name: str, config: AWQConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _pack_module(m: nn.Module, name: str, config: AWQConfig, dtype: torch.dtype, rounded=None) -> dict[str, torch.Tensor]:
     w = weight_nk(m)
     if w.device.type == "meta":
         raise AwqNbError(f"{name}.weight is on the meta device (offloaded?); load the model fully before saving.")
-    scale, zero = quant_params(w, config.w_bit, config.group_size, config.zero_point)
-    packed = pack_linear(w, scale, zero, config.group_size, config.w_bit)
+    r = codes_for(name, w, config, rounded)
+    packed = pack_codes(r.int_codes(), r.scale, r.zero, config.group_size)
     out = {f"{name}.{s}": t.cpu() for s, t in zip(QUANT_SUFFIXES, packed)}
     if getattr(m, "bias", None) is not None:
         out[f"{name}.bias"] = m.bias.detach().to("cpu", dtype)
@@ -274,12 +275,14 @@ def _commit(tmp: Path, out: Path) -> None:
 
 def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, config: AWQConfig | None = None,
                    max_shard_size: int | str = "2GB", dtype: torch.dtype | None = None, overwrite: bool = False,
-                   progress: Progress | None = None) -> Path:
+                   progress: Progress | None = None, rounded: dict | None = None) -> Path:
     """Write ``model`` as an AWQ "gemm" checkpoint in ``out_dir`` and return its path.
 
     Linears that are already :class:`WQLinear` are written as they are; with ``config``, the
     decoder Linears it selects (:func:`awq_nb.wqlinear.select_modules`) are quantized from their
-    current (AWQ-scaled) weights while writing, without changing ``model``. Other floating-point
+    current (AWQ-scaled) weights while writing, without changing ``model``: with the codes in
+    ``rounded`` (``AWQResult.rounded``, required for ``config.rounding="gptq"``), else
+    ``config.rounding`` applied now (:func:`awq_nb.rounding.codes_for`). Other floating-point
     tensors are written in ``dtype`` (default: the model's fp16/bf16 dtype, fp16 for fp32 models);
     a tied ``lm_head`` is not written. ``tokenizer`` may be None.
 
@@ -292,7 +295,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, config: AWQ
     remove_stale_partials(out)
     config, convert, kept = _resolve_config(model, config)
     dtype = output_dtype(model, dtype)
-    shards = _shards(_units(model, config, convert, dtype), parse_size(max_shard_size))
+    shards = _shards(_units(model, config, convert, dtype, rounded), parse_size(max_shard_size))
     writer = ShardWriter(out, shards, progress)
     try:
         for unit in (u for shard in shards for u in shard):

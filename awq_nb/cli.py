@@ -21,6 +21,7 @@ from .config import AWQConfig
 from .errors import AwqNbError
 from .memory import peak_rss_bytes, trim
 from .progress import console_progress
+from .rounding import ROUNDERS
 
 
 def _peak_memory(device: str) -> int:
@@ -70,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="scales from activation and weight magnitude (default); --no-duo-scaling: activation only, "
                         "as in the AWQ paper")
     q.add_argument("--search-samples", type=int, default=c.search_samples, help="calibration sequences used by the scale-search loss (default %(default)s)")
+    q.add_argument("--rounding", choices=sorted(ROUNDERS), default=c.rounding,
+                   help="how the scaled, clipped weights become codes: rtn (round to nearest, AWQ as published) or gptq "
+                        "(GPTQ's error feedback on the AWQ grid; awq_nb/rounding) (default %(default)s)")
     q.add_argument("--skip-indivisible", action="store_true", help="keep Linears whose in_features the group size does not divide in floating point")
     q.add_argument("--fake-quant", action="store_true", help="write a fake-quantized floating-point folder even for 4 bits")
     q.add_argument("--streaming", choices=["auto", "on", "off"], default="auto",
@@ -122,6 +126,7 @@ def cmd_quantize(a) -> dict:
     config = AWQConfig(
         w_bit=a.w_bit, group_size=a.group_size, zero_point=not a.no_zero_point, n_grid=a.n_grid, clip=not a.no_clip,
         clip_grid=a.clip_grid, duo_scaling=a.duo_scaling, asym_clip=a.asym_clip, clip_sweeps=a.clip_sweeps, search_samples=a.search_samples, skip_indivisible=a.skip_indivisible,
+        rounding=a.rounding,
     )
     out = Path(a.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -158,13 +163,13 @@ def cmd_quantize(a) -> dict:
             from .checkpoint import save_quantized
 
             save_quantized(model, tok, tmp / "model", config=config, overwrite=True,
-                           progress=console_progress("save", "shard"))
+                           progress=console_progress("save", "shard"), rounded=result.rounded)
             for f in (tmp / "model").iterdir():
                 f.rename(tmp / f.name)
             (tmp / "model").rmdir()
             fmt = "awq-gemm"
         else:
-            fake_quantize(model, config, keep=result.config["modules_to_not_convert"])
+            fake_quantize(model, config, keep=result.config["modules_to_not_convert"], rounded=result.rounded)
             model.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
             fmt = "fake-quant"

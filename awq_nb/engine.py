@@ -22,6 +22,7 @@ from .errors import AwqNbError
 from .models import check_seqlen
 from .quantizer import fitting_group_sizes, pseudo_quantize
 from .results import AWQResult, ClipRecord, ScaleRecord
+from .rounding import Rounded, codes_for, get_rounder, round_weight
 from .memory import trim
 from .progress import Progress, console_progress
 from .search import apply_clip_, clip_ratio_grid, gram_loss, search_clip, search_scales, unscaled_gram
@@ -146,8 +147,9 @@ def _search_block(
     prefix: str,
     keep: list[str],
     hints: dict,
-) -> tuple[list[ScaleRecord], list[ClipRecord], dict]:
-    """Scale and clip search on an fp32 copy of one block (on the block's device). ``hints`` maps a
+) -> tuple[list[ScaleRecord], list[ClipRecord], dict, dict[str, Rounded]]:
+    """Scale and clip search on an fp32 copy of one block (on the block's device), then the codes of
+    a rounding method that needs the Gram matrices (:mod:`awq_nb.rounding`). ``hints`` maps a
     scaling group (prev, inspect) to its best alpha in the previous block; updated here."""
     work = copy.deepcopy(block).float()
     names = {id(m): n for n, m in block_linears(work).items()}
@@ -219,6 +221,17 @@ def _search_block(
             apply_clip_(w, found.max_val, config.group_size, found.min_val)
             clip_recs.append(ClipRecord(idx, n, ratio_grid=ratios, **found._asdict()))
 
+    rounded = {}
+    if get_rounder(config.rounding).needs_gram:  # the trace kept every searched Linear's full X^T X
+        for n, m in block_linears(work).items():
+            if _kept(f"{prefix}.{n}", keep):
+                continue
+            sig = tr.grams[n].float()
+            if n in in_scale:
+                sig = unscaled_gram(sig, in_scale[n].to(sig.device))
+            r = round_weight(config.rounding, weight_nk(m), config.w_bit, config.group_size, config.zero_point, gram=sig)
+            rounded[f"{prefix}.{n}"] = r.to("cpu")
+
     errors = {}
     for n, m in block_linears(work).items():
         if n not in tr.sigmas or _kept(f"{prefix}.{n}", keep):
@@ -227,13 +240,19 @@ def _search_block(
         w0 = original[n]
         numel = tr.recorded_tokens[n] * w0.shape[0]
         rtn = pseudo_quantize(w0, config.w_bit, config.group_size, config.zero_point)
-        eff = pseudo_quantize(weight_nk(m).float(), config.w_bit, config.group_size, config.zero_point)
-        if n in out_scale:
-            eff = eff * out_scale[n].to(eff.device)[:, None]
-        if n in in_scale:
-            eff = eff / in_scale[n].to(eff.device)[None, :]
-        errors[f"{prefix}.{n}"] = {"rtn": gram_loss(rtn - w0, sig) / numel, "awq": gram_loss(eff - w0, sig) / numel}
-    return scale_recs, clip_recs, errors
+
+        def unscaled(q):  # the effective weight the unscaled input sees
+            if n in out_scale:
+                q = q * out_scale[n].to(q.device)[:, None]
+            return q / in_scale[n].to(q.device)[None, :] if n in in_scale else q
+
+        eff = unscaled(pseudo_quantize(weight_nk(m).float(), config.w_bit, config.group_size, config.zero_point))
+        errs = {"rtn": gram_loss(rtn - w0, sig) / numel, "awq": gram_loss(eff - w0, sig) / numel}
+        if f"{prefix}.{n}" in rounded:  # "awq": the final rounding; "awq_rtn": the same scales and clips, rounded to nearest
+            errs["awq_rtn"] = errs["awq"]
+            errs["awq"] = gram_loss(unscaled(rounded[f"{prefix}.{n}"].dequantize().to(w0.device)) - w0, sig) / numel
+        errors[f"{prefix}.{n}"] = errs
+    return scale_recs, clip_recs, errors, rounded
 
 
 def _resolve_calib(tokenizer, calib, n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -293,6 +312,7 @@ def search_blocks(model: nn.Module, calib, config: AWQConfig, progress: Progress
     was_training = model.training
     model.eval()
     blocks = get_blocks(model, spec)
+    needs_gram = get_rounder(config.rounding).needs_gram
     home, block = None, None
     try:
         progress(0, len(blocks), f"capturing the inputs of block 0 ({tokens.shape[0]} x {tokens.shape[1]} tokens)")
@@ -309,16 +329,17 @@ def search_blocks(model: nn.Module, calib, config: AWQConfig, progress: Progress
             prefix = f"{spec.blocks}.{i}"
             linears = block_linears(block)
             inspect = {rg.group.inspect: rg.inspect for rg in resolve_groups(block, spec) if not is_linear(rg.inspect)}
-            gram_for = ({n for n in linears if n not in spec.skip_clip and not _kept(f"{prefix}.{n}", keep)}
-                        if config.clip else set())
+            gram_for = {n for n in linears if not _kept(f"{prefix}.{n}", keep)
+                        and (needs_gram or (config.clip and n not in spec.skip_clip))}
             args, kwargs = cast_floats(inp.args[i], device=device), cast_floats(inp.kwargs[i], device=device)
             tr = trace_block(block, linears, inspect, hidden, args, kwargs, config.block_chunk, config.search_samples,
-                             gram_for, config.group_size, full_gram=config.clip_sweeps > 0)
+                             gram_for, config.group_size, full_gram=config.clip_sweeps > 0 or needs_gram)
             trim()  # the forward's temporaries, before the search allocates its own
-            scales, clips, errors = _search_block(i, block, spec, tr, config, prefix, keep, hints)
+            scales, clips, errors, rounded = _search_block(i, block, spec, tr, config, prefix, keep, hints)
             result.scales += scales
             result.clips += clips
             result.layer_errors.update(errors)
+            result.rounded.update(rounded)
             result.saliency.update({f"{prefix}.{n}": st for n, st in tr.stats.items()})
             hidden = tr.output
             del tr
@@ -359,17 +380,21 @@ def apply_block(block: nn.Module, idx: int, spec: ArchSpec, result: AWQResult) -
 
 
 @torch.no_grad()
-def fake_quantize(model: nn.Module, config: AWQConfig, keep: list[str] | None = None) -> nn.Module:
-    """Round every decoder Linear to ``config``'s grid (quantize + dequantize) in place.
+def fake_quantize(model: nn.Module, config: AWQConfig, keep: list[str] | None = None,
+                  rounded: dict[str, Rounded] | None = None) -> nn.Module:
+    """Replace every decoder Linear's weight by its quantized value (codes dequantized) in place.
 
-    On the untouched model this is round-to-nearest (RTN); after :func:`apply_awq` it is AWQ.
+    The codes are ``rounded[name]`` (``AWQResult.rounded``: what the search computed for a rounding
+    method that needs the Gram matrices, e.g. ``rounding="gptq"``), else ``config.rounding``
+    applied now (:func:`awq_nb.rounding.codes_for`). On the untouched model with
+    ``rounding="rtn"`` this is round-to-nearest (RTN); after :func:`apply_awq` it is AWQ.
     """
     keep = check_model(model, config) if keep is None else keep
     for name, m in find_quantizable(model).items():
         if _kept(name, keep):
             continue
         w = weight_nk(m)
-        w.copy_(pseudo_quantize(w, config.w_bit, config.group_size, config.zero_point))
+        w.copy_(codes_for(name, w, config, rounded).dequantize(w.dtype))
     return model
 
 
@@ -388,5 +413,5 @@ def quantize(
     config = config or AWQConfig()
     result = search(model, calib, config, progress=progress, device=device, tokenizer=tokenizer, n_samples=n_samples, seqlen=seqlen, seed=seed)
     apply_awq(model, result)
-    fake_quantize(model, config, keep=result.config["modules_to_not_convert"])
+    fake_quantize(model, config, keep=result.config["modules_to_not_convert"], rounded=result.rounded)
     return result

@@ -137,6 +137,10 @@ class AWQResult:
     # per quantized Linear (full name): output MSE on calibration tokens, RTN vs AWQ
     layer_errors: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
+    # per quantized Linear (full name): the codes of a rounding method that needs the search's Gram
+    # matrices (awq_nb.rounding; empty for "rtn"). Held in memory only, not saved: the checkpoint
+    # written from them holds them.
+    rounded: dict = field(default_factory=dict, repr=False)
 
     def _as_dict(self) -> dict:
         return {

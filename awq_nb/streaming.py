@@ -131,7 +131,8 @@ def quantize_streaming(path, out_dir, config: AWQConfig, calib="sotu", n_samples
 
     convert, kept = select_modules(model, config)
     odtype = output_dtype(model, out_dtype)
-    plan = _shards(_units(model, config, convert, odtype), parse_size(max_shard_size))
+    codes: dict = {}  # the codes a Gram-based rounding computed for the block being written
+    plan = _shards(_units(model, config, convert, odtype, codes), parse_size(max_shard_size))
     # each unit with the block after which its tensors are final: a block's own units after that
     # block; the tensors outside the blocks before block 0 (embeddings) or after the last (norm, head)
     order, seen_block = [], False
@@ -168,7 +169,10 @@ def quantize_streaming(path, out_dir, config: AWQConfig, calib="sotu", n_samples
         flush(-1)
         for result, i in search_blocks(model, tokens, config, progress, device, before_block=before_block):
             apply_block(blocks[i], i, spec, result)
+            codes.update(result.rounded)
+            result.rounded.clear()
             flush(i)
+            codes.clear()
             blocks[i].to("meta")  # drop its weights: the next block is read from disk
             trim()
         flush(len(blocks))

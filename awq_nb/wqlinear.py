@@ -32,8 +32,8 @@ from .kernels.layout import PACK_FACTOR
 from .kernels.cpu import int4_cpu_supported, prepare_cpu_int4 as _prepare_cpu_int4
 from .kernels.dispatch import awq_matmul, native_matmul
 from .kernels.native import NativeInt4, from_native, native_supported, to_native
-from .packing import check_format, check_packable, pack_linear
-from .quantizer import quant_params
+from .packing import check_format, check_packable, pack_codes
+from .rounding import Rounded, codes_for, round_weight
 
 
 class WQLinear(nn.Module):
@@ -56,15 +56,21 @@ class WQLinear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Module, w_bit: int = 4, group_size: int = 128, zero_point: bool = True) -> "WQLinear":
-        """Quantize the current weight of an ``nn.Linear`` (or GPT-2 ``Conv1D``) with
-        :func:`awq_nb.quantizer.quant_params` and pack it; bias and dtype are kept."""
+    def from_linear(cls, linear: nn.Module, w_bit: int = 4, group_size: int = 128, zero_point: bool = True,
+                    rounded: Rounded | None = None) -> "WQLinear":
+        """Pack the current weight of an ``nn.Linear`` (or GPT-2 ``Conv1D``); bias and dtype are kept.
+
+        The codes are ``rounded`` (e.g. ``AWQResult.rounded[name]`` from a ``rounding="gptq"``
+        search) when given, else the weight rounded to nearest on the grid of
+        :func:`awq_nb.quantizer.quant_params`."""
         w = weight_nk(linear)
         n, k = w.shape
         check_packable(n, k, w_bit, group_size, zero_point, name=type(linear).__name__)
         dtype = w.dtype if w.dtype.is_floating_point else torch.float16
-        scale, zero = quant_params(w, w_bit, group_size, zero_point)
-        packed = pack_linear(w, scale, zero, group_size, w_bit)
+        if rounded is None:
+            rounded = round_weight("rtn", w, w_bit, group_size, zero_point)
+        r = rounded.check_fits(type(linear).__name__, (n, k), w_bit, group_size)
+        packed = pack_codes(r.int_codes().to(w.device), r.scale.to(w.device), r.zero.to(w.device), group_size)
         bias = getattr(linear, "bias", None)
         m = cls(w_bit, group_size, k, n, bias is not None, device="meta", dtype=dtype)
         m.qweight, m.qzeros = packed.qweight, packed.qzeros
@@ -197,10 +203,12 @@ def prepare_cpu_int4(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> i
     return sum(m.prepare_cpu_int4(dtype) for m in model.modules() if isinstance(m, WQLinear))
 
 
-def replace_with_wqlinear(model: nn.Module, config: AWQConfig) -> nn.Module:
+def replace_with_wqlinear(model: nn.Module, config: AWQConfig, rounded: dict | None = None) -> nn.Module:
     """Replace, in place, every quantizable Linear selected by :func:`select_modules` with a
-    :class:`WQLinear` quantized from its current weight. Returns ``model``."""
+    :class:`WQLinear` packed from its current weight, with the codes ``rounded[name]``
+    (``AWQResult.rounded``) where given (:func:`awq_nb.rounding.codes_for`). Returns ``model``."""
     convert, _ = select_modules(model, config)
     for name, m in convert.items():
-        model.set_submodule(name, WQLinear.from_linear(m, config.w_bit, config.group_size, config.zero_point))
+        r = codes_for(name, weight_nk(m), config, rounded)
+        model.set_submodule(name, WQLinear.from_linear(m, config.w_bit, config.group_size, config.zero_point, rounded=r))
     return model

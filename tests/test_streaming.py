@@ -20,17 +20,18 @@ def _model_folder(tmp_path, layers=3, tied=False):
     return folder
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_streaming_checkpoint_equals_the_in_memory_one(tmp_path, tied):
+@pytest.mark.parametrize("tied,rounding", [(False, "rtn"), (True, "rtn"), (False, "gptq")])
+def test_streaming_checkpoint_equals_the_in_memory_one(tmp_path, tied, rounding):
     folder = _model_folder(tmp_path, tied=tied)
     assert len(list(folder.glob("*.safetensors"))) > 2
     tokens = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
-    config = AWQConfig(w_bit=4, group_size=32, n_grid=4, clip_grid=4, modules_to_not_convert=["layers.1.mlp.up_proj"])
+    config = AWQConfig(w_bit=4, group_size=32, n_grid=4, clip_grid=4, modules_to_not_convert=["layers.1.mlp.up_proj"],
+                       rounding=rounding)
 
     model, tok = awq_nb.load_model(str(folder), dtype=torch.float32)
     result = awq_nb.search(model, tokens, config, progress=lambda *a: None)
     awq_nb.apply_awq(model, result)
-    a = save_quantized(model, tok, tmp_path / "memory", config, max_shard_size="30KB")
+    a = save_quantized(model, tok, tmp_path / "memory", config, max_shard_size="30KB", rounded=result.rounded)
 
     streamed, b = quantize_streaming(folder, tmp_path / "stream", config, calib=tokens, max_shard_size="30KB",
                                      progress=lambda *a: None)

@@ -59,6 +59,13 @@ class Rounded:
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
+    def check_fits(self, name: str, shape: tuple[int, int], bits: int, group_size: int) -> "Rounded":
+        """These codes, after checking that they are for a ``shape`` weight quantized as ``w{bits}g{group_size}``."""
+        if self.shape != tuple(shape) or (self.bits, self.group_size) != (bits, group_size):
+            raise AwqNbError(f"{name}: the codes given are w{self.bits}g{self.group_size} {self.shape} but the layer is "
+                             f"{tuple(shape)} quantized as w{bits}g{group_size}; they belong to another search.")
+        return self
+
     def int_codes(self) -> torch.Tensor:
         """The codes as int32, signed for symmetric quantization (what :func:`quantize_int` returns)."""
         q = self.codes.to(torch.int32)
@@ -129,3 +136,18 @@ from . import gptq, rtn  # noqa: E402  (the registry entries)
 register("rtn", rtn.round_weight, needs_gram=False, summary="round to nearest (AWQ as published)")
 register("gptq", gptq.round_weight, needs_gram=True,
          summary="GPTQ: column-wise error feedback through the inverse Gram matrix, on the AWQ grid")
+
+
+def codes_for(name: str, w: torch.Tensor, config, rounded: dict[str, Rounded] | None = None) -> Rounded:
+    """The codes of Linear ``name`` (weight ``w [N, K]``, scaled and clipped) under ``config``
+    (an :class:`awq_nb.AWQConfig`): those the search computed (``rounded[name]``, from
+    ``AWQResult.rounded``) when given, else ``config.rounding`` applied now, which only methods
+    without a Gram matrix can be."""
+    if rounded and name in rounded:
+        return rounded[name].check_fits(name, tuple(w.shape), config.w_bit, config.group_size)
+    if needs_gram(config.rounding):
+        raise AwqNbError(
+            f"{name}: rounding={config.rounding!r} needs the codes the search computed (they depend on the layer's "
+            "input Gram matrix) and none were given. Pass rounded=result.rounded from the same search run; a "
+            "result loaded from a file keeps only scales and clips, so run the search again, or use rounding='rtn'.")
+    return round_weight(config.rounding, w, config.w_bit, config.group_size, config.zero_point)

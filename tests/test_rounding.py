@@ -1,0 +1,165 @@
+"""The rounding step (awq_nb/rounding): one interface, RTN and GPTQ, and codes that travel unchanged
+from the search to fake quantization, WQLinear and the checkpoint."""
+import copy
+
+import pytest
+import torch
+
+import awq_nb
+from awq_nb.arch import find_quantizable, weight_nk
+from awq_nb.checkpoint import load_quantized, save_quantized
+from awq_nb.errors import AwqNbError
+from awq_nb.packing import unpack_linear
+from awq_nb.quantizer import pseudo_quantize, quant_params
+from awq_nb.rounding import ROUNDERS, Rounder, round_weight
+from awq_nb.rounding.gptq import round_weight as gptq_codes
+from awq_nb.wqlinear import WQLinear
+from tiny_models import tiny_model
+
+
+def _correlated(n=48, k=128, tokens=600, seed=0):
+    """A weight and inputs whose channels move together, as real activations do."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    mix = torch.randn(k, k, generator=g) / k**0.5 + torch.eye(k)
+    x = torch.randn(tokens, k, generator=g) @ mix * torch.linspace(0.2, 3.0, k)
+    return w, x
+
+
+def _output_error(x, w, wq):
+    return float(((x @ (wq - w).T) ** 2).sum())
+
+
+def _obq_reference(w, h, scale, zero, bits, group_size, damp=0.01):
+    """GPTQ's greedy pass written the slow, direct way (float64): round column j, spread its error
+    over the remaining columns with the inverse Hessian, then remove column j from the inverse by
+    a Schur complement. No Cholesky, no blocks."""
+    w = w.double().clone()
+    h = h.double().clone()
+    h.diagonal()[h.diagonal() <= 0] = 1.0
+    h.diagonal().add_(damp * float(h.diagonal().mean()))
+    hinv = torch.linalg.inv(h)
+    n, k = w.shape
+    q = torch.empty(n, k, dtype=torch.int32)
+    for j in range(k):
+        s, z = scale[:, j // group_size].double(), zero[:, j // group_size].double()
+        qj = (torch.round(w[:, j] / s) + z).clamp(0, 2**bits - 1)
+        q[:, j] = qj.int()
+        err = (w[:, j] - (qj - z) * s) / hinv[j, j]
+        w[:, j + 1:] -= err[:, None] * hinv[j, j + 1:][None, :]
+        hinv = hinv - hinv[:, j:j + 1] @ hinv[j:j + 1, :] / hinv[j, j]
+    return q
+
+
+def test_rtn_rounding_is_the_quantizer():
+    w, _ = _correlated()
+    r = round_weight("rtn", w, 4, 32)
+    scale, zero = quant_params(w, 4, 32)
+    assert torch.equal(r.scale, scale) and torch.equal(r.zero, zero) and r.codes.dtype == torch.uint8
+    assert torch.equal(r.dequantize(), pseudo_quantize(w, 4, 32))
+    sym = round_weight("rtn", w, 3, 32, zero_point=False)
+    assert torch.equal(sym.dequantize(), pseudo_quantize(w, 3, 32, zero_point=False))
+
+
+def test_gptq_matches_the_direct_greedy_pass_and_lowers_the_output_error():
+    w, x = _correlated()
+    h = x.T @ x
+    scale, zero = quant_params(w, 4, 32)
+    q = gptq_codes(w, scale, zero, 4, 32, h)
+    ref = _obq_reference(w, h, scale, zero, 4, 32)
+    assert (q != ref).float().mean() < 0.005  # fp32 vs float64: a few ties at .5 may round apart
+    r = round_weight("gptq", w, 4, 32, gram=h)
+    assert torch.equal(r.int_codes(), q) and int(q.min()) >= 0 and int(q.max()) <= 15  # on the fixed grid
+    assert torch.equal(r.scale, scale) and torch.equal(r.zero, zero)
+    rtn = _output_error(x, w, pseudo_quantize(w, 4, 32))
+    gptq = _output_error(x, w, r.dequantize())
+    assert gptq < 0.8 * rtn, (gptq, rtn)
+
+
+def test_gptq_blocks_are_exact_and_uncorrelated_inputs_round_to_nearest():
+    w, x = _correlated(k=96)
+    h = x.T @ x
+    scale, zero = quant_params(w, 4, 32)
+    one = gptq_codes(w, scale, zero, 4, 32, h, block=96)
+    small = gptq_codes(w, scale, zero, 4, 32, h, block=16)  # lazy updates across 6 blocks
+    assert (one != small).float().mean() < 0.005
+    diag = torch.diag(h.diagonal())  # no correlation: nothing to push, every column rounds to nearest
+    assert torch.equal(gptq_codes(w, scale, zero, 4, 32, diag), round_weight("rtn", w, 4, 32).int_codes())
+
+
+def test_gptq_survives_dead_channels_and_needs_a_gram():
+    w, x = _correlated(k=64)
+    x[:, 5] = 0  # a channel that never fires
+    r = round_weight("gptq", w, 4, 32, gram=x.T @ x)
+    assert torch.isfinite(r.dequantize()).all()
+    with pytest.raises(AwqNbError, match="Gram matrix"):
+        round_weight("gptq", w, 4, 32)
+    with pytest.raises(AwqNbError, match="choose one of"):
+        awq_nb.AWQConfig(rounding="gtpq")
+
+
+def _calib(n=4, t=32, seed=0):
+    return torch.randint(0, 128, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def test_gptq_search_codes_reach_fake_quant_wqlinear_and_the_checkpoint(tmp_path):
+    model = tiny_model("llama", layers=2)
+    cfg = awq_nb.AWQConfig(w_bit=4, group_size=32, n_grid=4, clip_grid=4, rounding="gptq",
+                           modules_to_not_convert=["layers.1.mlp.down_proj"])
+    result = awq_nb.search(model, _calib(), cfg, progress=lambda *a: None)
+    quantized = {n for n in find_quantizable(model) if "layers.1.mlp.down_proj" not in n}
+    assert set(result.rounded) == quantized
+    errs = result.layer_errors
+    assert all(set(errs[n]) == {"rtn", "awq", "awq_rtn"} for n in quantized)
+    assert sum(e["awq"] for e in errs.values()) < sum(e["awq_rtn"] for e in errs.values())
+    awq_nb.apply_awq(model, result)
+    shipped = copy.deepcopy(model)
+    fq = awq_nb.fake_quantize(copy.deepcopy(model), cfg, keep=result.config["modules_to_not_convert"],
+                              rounded=result.rounded)
+    rtn = awq_nb.fake_quantize(copy.deepcopy(model), awq_nb.AWQConfig(**{**result.config, "rounding": "rtn"}))
+    differs = 0
+    for name in quantized:
+        r = result.rounded[name]
+        assert torch.equal(weight_nk(fq.get_submodule(name)), r.dequantize())
+        differs += not torch.equal(weight_nk(rtn.get_submodule(name)), r.dequantize())
+        wq = WQLinear.from_linear(model.get_submodule(name), 4, 32, rounded=r)
+        q, _, zero = unpack_linear(wq.qweight, wq.qzeros, wq.scales, 32)
+        assert torch.equal(q, r.int_codes()) and torch.equal(zero, r.zero.int())
+    assert differs == len(quantized)  # GPTQ moved codes in every layer
+    out = save_quantized(shipped, None, tmp_path / "ck", cfg, rounded=result.rounded)
+    loaded, _ = load_quantized(out)
+    for name in quantized:
+        m = loaded.get_submodule(name)
+        q, _, _ = unpack_linear(m.qweight, m.qzeros, m.scales, 32)
+        assert torch.equal(q, result.rounded[name].int_codes()), name
+
+
+def test_gptq_without_its_codes_is_an_error_not_a_silent_rtn(tmp_path):
+    model = tiny_model("llama", layers=2)
+    cfg = awq_nb.AWQConfig(group_size=32, n_grid=2, clip_grid=4, rounding="gptq")
+    result = awq_nb.search(model, _calib(), cfg, progress=lambda *a: None)
+    result.save(tmp_path / "r.safetensors")
+    loaded = awq_nb.AWQResult.load(tmp_path / "r.safetensors")  # scales and clips only
+    assert loaded.rounded == {} and loaded.config["rounding"] == "gptq"
+    awq_nb.apply_awq(model, loaded)
+    with pytest.raises(AwqNbError, match="rounded=result.rounded"):
+        awq_nb.fake_quantize(copy.deepcopy(model), cfg)
+    with pytest.raises(AwqNbError, match="rounded=result.rounded"):
+        save_quantized(model, None, tmp_path / "ck", cfg)
+    assert not (tmp_path / "ck").exists()  # nothing half-written
+    codes = result.rounded["model.layers.0.mlp.down_proj"]  # [64, 128]: not a [32, 64] Linear's
+    with pytest.raises(AwqNbError, match="another search"):
+        WQLinear.from_linear(torch.nn.Linear(64, 32), 4, 32, rounded=codes)
+
+
+def test_a_new_rounding_method_is_one_registry_entry(monkeypatch):
+    def toward_zero_point(w, scale, zero, bits, group_size, gram=None):  # a deliberately odd method
+        n, k = w.shape
+        return zero.repeat_interleave(group_size, dim=1).to(torch.int32).expand(n, k).clone()
+
+    monkeypatch.setitem(ROUNDERS, "zero", Rounder(toward_zero_point, False, "every weight to 0"))
+    model = tiny_model("llama", layers=1)
+    cfg = awq_nb.AWQConfig(group_size=32, rounding="zero")
+    awq_nb.fake_quantize(model, cfg)
+    for name, m in find_quantizable(model).items():
+        assert float(weight_nk(m).abs().max()) == 0.0, name
