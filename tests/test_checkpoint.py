@@ -430,13 +430,15 @@ def test_corrupt_checkpoints_give_clear_errors(tmp_path, saved, case):
 def test_failed_save_leaves_no_folder(tmp_path, saved, monkeypatch):
     calls = []
 
-    def failing_save_file(tensors, filename, metadata=None):
-        calls.append(filename)
+    real = ckpt.write_shard
+
+    def failing_write_shard(file, metadata):
+        calls.append(file.path)
         if len(calls) == 2:
             raise OSError("disk full (simulated)")
-        save_file(tensors, filename, metadata=metadata)
+        return real(file, metadata)
 
-    monkeypatch.setattr(ckpt, "save_file", failing_save_file)
+    monkeypatch.setattr(ckpt, "write_shard", failing_write_shard)
     with pytest.raises(OSError, match="simulated"):
         save_quantized(saved["model"], None, tmp_path / "out", AWQConfig(group_size=G), max_shard_size="100KB")
     assert len(calls) == 2
@@ -446,7 +448,7 @@ def test_failed_save_leaves_no_folder(tmp_path, saved, monkeypatch):
 def test_failed_resave_keeps_the_previous_checkpoint(tmp_path, saved, monkeypatch):
     out = _copy(saved["out"], tmp_path / "out")
     before = sorted(p.name for p in out.iterdir())
-    monkeypatch.setattr(ckpt, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("interrupted (simulated)")))
+    monkeypatch.setattr(ckpt, "write_shard", lambda *a, **k: (_ for _ in ()).throw(OSError("interrupted (simulated)")))
     with pytest.raises(OSError, match="simulated"):
         save_quantized(saved["model"], None, out, AWQConfig(group_size=G), overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == before and [p.name for p in tmp_path.iterdir()] == ["out"]

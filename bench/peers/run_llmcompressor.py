@@ -1,12 +1,16 @@
-"""Quantize a model with llm-compressor's AWQModifier on CPU and save fake-quantized weights.
+"""Quantize a model with llm-compressor (AWQ, GPTQ, or AWQ then GPTQ) on CPU and save fake-quantized weights.
 
 Run with the peer venv (bash bench/peers/setup.sh llmcompressor):
 
     .venv-peers/llmcompressor/bin/python bench/peers/run_llmcompressor.py \
         --model /tmp/smol-fp --calib calib.json --w-bit 4 --group-size 64 --out out/llmc-w4g64
 
-Steps: load the fp model -> oneshot() with the recipe [AWQModifier(), QuantizationModifier()]
-(the non-deprecated form of AWQModifier(scheme="W4A16_ASYM")), calibration = the token-id rows
+Steps: load the fp model -> oneshot() with the recipe chosen by --recipe:
+  awq       [AWQModifier(), QuantizationModifier()] (the non-deprecated form of
+            AWQModifier(scheme="W4A16_ASYM")),
+  gptq      [GPTQModifier()] with its defaults (block_size 128, dampening_frac 0.01),
+  awq+gptq  [AWQModifier(), GPTQModifier()]: the AWQ scales folded in, then GPTQ's rounding,
+calibration = the token-id rows
 as a tokenized dataset, in order, one row per batch (its default batch_size=1) -> every
 quantized Linear's weight is replaced by compressed-tensors' fake_quantize of it with the
 weight_scale / weight_zero_point the QuantizationModifier attached -> write config, fp32
@@ -49,17 +53,19 @@ def patch_pin_memory() -> list[str]:
     return PATCHES
 
 
-def build_recipe(w_bit: int, group_size: int, observer: str | None):
+RECIPES = ("awq", "gptq", "awq+gptq")
+
+
+def build_recipe(w_bit: int, group_size: int, observer: str | None, recipe: str = "awq"):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
     weights = QuantizationArgs(num_bits=w_bit, type="int", symmetric=False, strategy="group",
                                group_size=group_size, dynamic=False, observer=observer)
-    scheme = QuantizationScheme(targets=["Linear"], weights=weights)
-    recipe = [AWQModifier(), QuantizationModifier(config_groups={"group_0": scheme},
-                                                  ignore=["lm_head"])]
-    return recipe, weights
+    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+    quantize = (GPTQModifier if "gptq" in recipe else QuantizationModifier)(config_groups=groups, ignore=["lm_head"])
+    return ([AWQModifier()] if "awq" in recipe else []) + [quantize], weights
 
 
 @torch.no_grad()
@@ -83,6 +89,7 @@ def main() -> None:
     parser.add_argument("--observer", default=None,
                         choices=("memoryless_minmax", "memoryless_mse"),
                         help="weight observer (default: llm-compressor's, memoryless_minmax)")
+    parser.add_argument("--recipe", default="awq", choices=RECIPES, help="default %(default)s")
     a = parser.parse_args()
     peer_common.check_group_size(a.model, a.group_size)
     calib = peer_common.load_calib(a.calib)
@@ -97,13 +104,14 @@ def main() -> None:
 
     clock = peer_common.BlockClock()
     # one timed call per decoder block: the pipeline also ends epochs with nothing to smooth
-    instrumentation = [clock.wrap(AWQModifier, "_apply_smoothing", at="end",
-                                  when=lambda self, model: bool(self._smooth_activation_stats))]
+    instrumentation = ([clock.wrap(AWQModifier, "_apply_smoothing", at="end",
+                                   when=lambda self, model: bool(self._smooth_activation_stats))]
+                       if "awq" in a.recipe else [])
     tok = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     n_blocks = model.config.num_hidden_layers
     ds = Dataset.from_dict({"input_ids": calib, "attention_mask": [[1] * seqlen] * n_samples})
-    recipe, weight_args = build_recipe(a.w_bit, a.group_size, a.observer)
+    recipe, weight_args = build_recipe(a.w_bit, a.group_size, a.observer, a.recipe)
 
     t0, c0 = time.perf_counter(), peer_common.cpu_seconds()
     oneshot(model=model, tokenizer=tok, recipe=recipe, dataset=ds,
@@ -115,7 +123,7 @@ def main() -> None:
 
     peer_common.write_dense_folder(a.model, a.out, model.state_dict())
     peer_common.write_peer_json(a.out, {
-        "peer": "llmcompressor",
+        "peer": "llmcompressor" if a.recipe == "awq" else f"llmcompressor-{a.recipe}",
         "version": md.version("llmcompressor"),
         "compressed_tensors_version": md.version("compressed-tensors"),
         "seconds": seconds,
@@ -130,11 +138,12 @@ def main() -> None:
         "n_blocks": n_blocks,
         "n_linear_quantized": n_linear,
         "settings": {
-            "recipe": "AWQModifier() + QuantizationModifier(config_groups, ignore=['lm_head'])",
+            "recipe": " + ".join(type(m).__name__ + "()" for m in recipe) + " (config_groups, ignore=['lm_head'])",
+            "modifiers": [m.model_dump(mode="json", exclude={"config_groups"}) for m in recipe],
             "weights": weight_args.model_dump(mode="json"),
             "duo_scaling": True, "n_grid": 20,
             "observer": a.observer or "default (memoryless_minmax)",
-            "clip_search": "none in AWQModifier; range from the weight observer",
+            "clip_search": "none in AWQModifier or GPTQModifier; range from the weight observer",
             "pipeline": "independent -> sequential (default)", "batch_size": 1,
             "dtype": "float32",
             "final_weights": "compressed_tensors fake_quantize(W, weight_scale, "
