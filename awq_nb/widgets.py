@@ -5,7 +5,7 @@ The UI holds no algorithm. Run does three injectable steps, so each can be repla
 1. :func:`settings_from_values` turns the widget values into a validated :class:`RunSettings`
    (an :class:`~awq_nb.AWQConfig` inside);
 2. ``runner(settings, progress) -> RunOutcome`` does the work (default :func:`run_pipeline`:
-   load, calibrate, evaluate FP / RTN / AWQ) and reports through ``progress(done, total, desc)``,
+   load, then :func:`awq_nb.compare.compare_methods` for FP / RTN / AWQ) and reports through ``progress(done, total, desc)``,
    which drives the progress bar;
 3. ``plotter(outcome) -> [Figure]`` draws (default :func:`default_figures`, from :mod:`awq_nb.viz`).
 
@@ -17,7 +17,6 @@ the UI is built. ``AWQ_NB_FAST=1`` starts the controls at the fast budget of :mo
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import html
 import io
@@ -113,41 +112,40 @@ def settings_from_values(values: dict) -> RunSettings:
 
 # -- the default runner: FP vs RTN vs AWQ --------------------------------------------------------
 
+def display_row(row: dict) -> dict:
+    """A :func:`~awq_nb.compare.compare_methods` row as the widget's table shows it:
+    ``{"method": "FP32" | "RTN w4g64" | "AWQ w4g64" | "AWQ+GPTQ w4g64", "perplexity", "size_bytes"}``."""
+    label = row["config"].upper() if row["method"] == "fp" else f"{row['method'].upper()} {row['config']}"
+    return {"method": label, "perplexity": row["perplexity"], "size_bytes": row["size_bytes"]}
+
+
 def run_pipeline(settings: RunSettings, progress: Progress) -> RunOutcome:
-    """Load the model, measure FP perplexity, quantize with AWQ (and a RTN copy), measure both."""
+    """Load the model, then :func:`awq_nb.compare.compare_methods`: FP, RTN and AWQ (with the chosen
+    rounding) on the same calibration and evaluation text. Keeps the AWQ model and result."""
     import torch
 
-    from . import calibration_blocks, eval_windows, fake_quantize, load_model, quantize
-    from .evaluate import model_size_bytes, perplexity
+    from . import load_model
+    from .compare import compare_methods
 
-    steps, t0, cfg = 5, time.perf_counter(), settings.config
-    progress(0, steps, f"loading {settings.model}")
+    t0 = time.perf_counter()
+    progress(0, 1, f"loading {settings.model}")
     model, tok = load_model(settings.model, dtype=torch.float32, device=settings.device)
-    progress(1, steps, f"calibration text: {settings.n_samples} x {settings.seqlen} tokens")
-    blocks = calibration_blocks(tok, source=settings.calib, n_samples=settings.n_samples, seqlen=settings.seqlen,
-                                seed=settings.seed)
-    progress(2, steps, "perplexity of the floating-point model")
-    ppl = dict(windows=eval_windows(tok, settings.eval_data, seqlen=settings.eval_seqlen, max_windows=settings.eval_windows))
-    def stage(label: str) -> Progress:  # eval windows feed the same bar, labelled
-        return lambda done, total, desc="": progress(done, total, f"{label}: {desc}")
+    awq = {}
 
-    rows = [{"method": "FP32", "perplexity": perplexity(model, **ppl, progress=stage("perplexity, FP32"))["perplexity"],
-             "size_bytes": model_size_bytes(model)}]
-    rtn = copy.deepcopy(model)
-    result = quantize(model, tok, cfg, calib=blocks, progress=progress)  # search + apply + round
-    keep = result.config.get("modules_to_not_convert", [])
-    size = model_size_bytes(model, cfg.w_bit, cfg.group_size, cfg.zero_point, keep=tuple(keep))
-    progress(3, steps, "perplexity of RTN (round-to-nearest, no scaling)")
-    fake_quantize(rtn, cfg, keep=keep)
-    rows.append({"method": f"RTN {cfg.tag}", "perplexity": perplexity(rtn, **ppl, progress=stage("perplexity, RTN"))["perplexity"],
-                 "size_bytes": size})
-    del rtn
-    progress(4, steps, "perplexity of AWQ")
-    rows.append({"method": f"AWQ {cfg.tag}", "perplexity": perplexity(model, **ppl, progress=stage("perplexity, AWQ"))["perplexity"],
-                 "size_bytes": size})
-    progress(steps, steps, f"done in {time.perf_counter() - t0:.0f} s")
+    def keep_awq(row, quantized, result):
+        if result is not None:
+            awq.update(model=quantized, result=result)
+
+    rows = compare_methods(model, tok, [settings.config], methods=("fp", "rtn", "awq"), calib=settings.calib,
+                           n_samples=settings.n_samples, seqlen=settings.seqlen, seed=settings.seed,
+                           eval_data=settings.eval_data, eval_seqlen=settings.eval_seqlen,
+                           max_windows=settings.eval_windows, device=settings.device, progress=progress, log=None,
+                           on_model=keep_awq)
+    progress(1, 1, f"done in {time.perf_counter() - t0:.0f} s")
+    keep = awq["result"].config.get("modules_to_not_convert", [])
     notes = [f"kept in floating point: {', '.join(keep)}."] if keep else []
-    return RunOutcome(rows=rows, result=result, model=model, tokenizer=tok, notes=notes)
+    return RunOutcome(rows=[display_row(r) for r in rows], result=awq["result"], model=awq["model"], tokenizer=tok,
+                      notes=notes)
 
 
 def default_figures(outcome: RunOutcome) -> list:
