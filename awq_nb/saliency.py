@@ -29,6 +29,7 @@ from .quantizer import pseudo_quantize
 from .results import ChannelStats
 
 RULES = ("activation", "weight", "random", "none")
+SALIENT_FRACTION = 0.01  # AWQ paper: protecting ~1% of channels recovers most of the loss
 
 
 def n_salient(k: int, fraction: float) -> int:
@@ -38,10 +39,10 @@ def n_salient(k: int, fraction: float) -> int:
 
 def top_channels(values: torch.Tensor, n: int) -> torch.Tensor:
     """Indices of the ``n`` largest entries of ``values [K]``, largest first (ties: lower index first)."""
-    return torch.argsort(values.detach().float().cpu(), descending=True, stable=True)[:n]
+    return torch.argsort(values.detach().cpu(), descending=True, stable=True)[:n]
 
 
-def choose_channels(rule: str, w: torch.Tensor, mean_abs: torch.Tensor | None = None, fraction: float = 0.01,
+def choose_channels(rule: str, w: torch.Tensor, mean_abs: torch.Tensor | None = None, fraction: float = SALIENT_FRACTION,
                     generator: torch.Generator | None = None) -> torch.Tensor:
     """The input channels ``rule`` keeps for weight ``w [N, K]`` (module docstring), a LongTensor on
     the CPU. ``mean_abs [K]``: mean ``|x|`` per input channel (``"activation"`` only);
@@ -71,7 +72,7 @@ def rtn_keeping(w: torch.Tensor, channels: torch.Tensor, bits: int, group_size: 
 
 
 def rtn_keeping_edit(rule: str, stats: dict[str, ChannelStats] | None, bits: int, group_size: int,
-                     fraction: float = 0.01, seed: int = 0) -> Callable[[str, torch.Tensor], torch.Tensor]:
+                     fraction: float = SALIENT_FRACTION, seed: int = 0) -> Callable[[str, torch.Tensor], torch.Tensor]:
     """An ``edit(name, w)`` for :func:`awq_nb.nb.edited_weights`: :func:`rtn_keeping` with the
     channels ``rule`` chooses. ``stats``: activation statistics by Linear name (rule
     ``"activation"``); the random rule draws from one generator seeded with ``seed``, Linear after
@@ -96,7 +97,7 @@ def overlap(a: torch.Tensor, b: torch.Tensor) -> float:
     return len(set(a.tolist()) & set(b.tolist())) / a.numel()
 
 
-def rule_overlap(w: torch.Tensor, mean_abs: torch.Tensor, fraction: float = 0.01, a: str = "activation",
+def rule_overlap(w: torch.Tensor, mean_abs: torch.Tensor, fraction: float = SALIENT_FRACTION, a: str = "activation",
                  b: str = "weight") -> float:
     """The share of the channels rule ``a`` keeps for ``w [N, K]`` that rule ``b`` keeps too."""
     return overlap(choose_channels(a, w, mean_abs, fraction), choose_channels(b, w, mean_abs, fraction))

@@ -68,3 +68,13 @@ def test_bad_rules_are_named():
         saliency.rtn_keeping_edit("activation", None, 3, 64)
     with pytest.raises(AwqNbError, match=r"mean_abs of shape \(64,\)"):
         saliency.choose_channels("activation", w, torch.ones(32))
+
+
+def test_viz_marks_the_same_channels(real):
+    from awq_nb import viz
+
+    _, _, stats = real
+    mean_abs = stats[NAME].mean_abs
+    expected = _top(mean_abs.numpy().astype(np.float64), 31)  # ceil(0.02 * 1536)
+    assert viz.salient_channels(mean_abs, 0.02).tolist() == expected
+    assert viz.salient_channels(mean_abs.numpy(), 0.02).tolist() == expected
