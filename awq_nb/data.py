@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import AwqNbError
+from .settings import FULL
 
 SOTU_CALIB_YEARS = (1900, 1989)
 SOTU_EVAL_YEARS = (1990, 9999)
@@ -144,7 +145,8 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
 MIN_CALIB_TOKENS = 4096  # below this a calibration set is a demo, not a quantization (warned)
 
 
-def calibration_blocks(tokenizer, source="sotu", n_samples: int = 128, seqlen: int = 512, seed: int = 0) -> torch.Tensor:
+def calibration_blocks(tokenizer, source=FULL.calib, n_samples: int = FULL.n_samples, seqlen: int = FULL.seqlen,
+                       seed: int = FULL.seed) -> torch.Tensor:
     """``n_samples`` windows of ``seqlen`` tokens, ``LongTensor [n_samples, seqlen]``, seeded.
 
     Raises :class:`AwqNbError` with the counts when the text is too short.
@@ -153,7 +155,7 @@ def calibration_blocks(tokenizer, source="sotu", n_samples: int = 128, seqlen: i
         raise AwqNbError(f"n_samples={n_samples} and seqlen={seqlen} must be at least 1 and 2.")
     if n_samples * seqlen < MIN_CALIB_TOKENS:
         warnings.warn(f"{n_samples} x {seqlen} = {n_samples * seqlen} calibration tokens is below {MIN_CALIB_TOKENS}: "
-                      "the searched scales and clips will be noisy (fine for a demo; the paper's setting is 128 x 512).",
+                      f"the searched scales and clips will be noisy (fine for a demo; the paper's setting is {FULL.n_samples} x {FULL.seqlen}).",
                       stacklevel=2)
     stream = token_stream(tokenizer, load_texts(source, "calib"))
     windows = _windows(tokenizer, stream, seqlen)
@@ -169,7 +171,7 @@ def calibration_blocks(tokenizer, source="sotu", n_samples: int = 128, seqlen: i
     return windows[pick].clone()
 
 
-def eval_windows(tokenizer, source="sotu", seqlen: int = 1024, max_windows: int | None = None) -> torch.Tensor:
+def eval_windows(tokenizer, source=FULL.eval_data, seqlen: int = FULL.eval_seqlen, max_windows: int | None = None) -> torch.Tensor:
     """The evaluation text cut into consecutive non-overlapping windows, ``[n, seqlen]``."""
     stream = token_stream(tokenizer, load_texts(source, "eval"))
     windows = _windows(tokenizer, stream, seqlen)[:max_windows]

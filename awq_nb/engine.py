@@ -26,6 +26,7 @@ from .rounding import Rounded, codes_for, get_rounder, round_weight
 from .memory import trim
 from .progress import Progress, console_progress
 from .search import apply_clip_, clip_ratio_grid, gram_loss, search_clip, search_scales, unscaled_gram
+from .settings import FULL
 from .trace import BlockTrace, trace_block
 from .wqlinear import WQLinear, matches_any
 
@@ -278,9 +279,9 @@ def search(
     progress: Progress | None = None,
     device=None,
     tokenizer=None,
-    n_samples: int = 128,
-    seqlen: int = 512,
-    seed: int = 0,
+    n_samples: int = FULL.n_samples,
+    seqlen: int = FULL.seqlen,
+    seed: int = FULL.seed,
 ) -> AWQResult:
     """Run the AWQ scale and clipping searches; the model is left unchanged.
 
@@ -294,7 +295,7 @@ def search(
 
 
 def search_blocks(model: nn.Module, calib, config: AWQConfig, progress: Progress | None = None, device=None,
-                  tokenizer=None, n_samples: int = 128, seqlen: int = 512, seed: int = 0,
+                  tokenizer=None, n_samples: int = FULL.n_samples, seqlen: int = FULL.seqlen, seed: int = FULL.seed,
                   before_block: Callable[[int, nn.Module], None] | None = None):
     """:func:`search`, one decoder block at a time: yields ``(result so far, i)`` after block ``i``
     is searched and back on its own device, so a caller can apply, pack and free it before the next
@@ -402,10 +403,10 @@ def quantize(
     model: nn.Module,
     tokenizer,
     config: AWQConfig | None = None,
-    calib="sotu",
-    n_samples: int = 128,
-    seqlen: int = 512,
-    seed: int = 0,
+    calib=FULL.calib,
+    n_samples: int = FULL.n_samples,
+    seqlen: int = FULL.seqlen,
+    seed: int = FULL.seed,
     progress: Progress | None = None,
     device=None,
 ) -> AWQResult:

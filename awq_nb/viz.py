@@ -15,12 +15,13 @@ import math
 import re
 
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 
 from .errors import AwqNbError
 from .results import AWQResult, ChannelStats, ClipRecord, ScaleRecord
+from .saliency import SALIENT_FRACTION, n_salient, top_channels
 
-SALIENT_FRACTION = 0.01  # AWQ paper: protecting ~1% of channels recovers most of the loss
 RTN_COLOR, AWQ_COLOR, FP_COLOR, SALIENT_COLOR = "#8c8c8c", "#1f77b4", "#2ca02c", "#d62728"
 MAX_LEGEND_ENTRIES = 12
 MAX_ANNOTATED_CELLS = 80  # write values into heatmap cells up to this many cells
@@ -51,10 +52,10 @@ def _np(x) -> np.ndarray:
 
 
 def salient_channels(values, fraction: float = SALIENT_FRACTION) -> np.ndarray:
-    """Indices of the ``ceil(fraction * K)`` largest entries of ``values [K]``, largest first."""
-    v = _np(values)
-    n = max(1, math.ceil(fraction * v.size))
-    return np.argsort(-v, kind="stable")[:n]
+    """Indices of the ``ceil(fraction * K)`` largest entries of ``values [K]``, largest first
+    (:func:`awq_nb.saliency.top_channels`, as a numpy array)."""
+    v = torch.from_numpy(_np(values))
+    return top_channels(v, n_salient(v.numel(), fraction)).numpy()
 
 
 def short_name(name: str) -> str:

@@ -5,22 +5,21 @@ The UI holds no algorithm. Run does three injectable steps, so each can be repla
 1. :func:`settings_from_values` turns the widget values into a validated :class:`RunSettings`
    (an :class:`~awq_nb.AWQConfig` inside);
 2. ``runner(settings, progress) -> RunOutcome`` does the work (default :func:`run_pipeline`:
-   load, calibrate, evaluate FP / RTN / AWQ) and reports through ``progress(done, total, desc)``,
+   load, then :func:`awq_nb.compare.compare_methods` for FP / RTN / AWQ) and reports through ``progress(done, total, desc)``,
    which drives the progress bar;
 3. ``plotter(outcome) -> [Figure]`` draws (default :func:`default_figures`, from :mod:`awq_nb.viz`).
 
 An :class:`~awq_nb.errors.AwqNbError` (bad model id, group size that does not divide, too little
 calibration text) is shown in the output area; any other exception is shown with its traceback.
 Either way the buttons come back and the kernel lives on. ``ipywidgets`` is imported only when
-the UI is built. ``AWQ_NB_FAST=1`` defaults to the bundled model and a tiny budget.
+the UI is built. ``AWQ_NB_FAST=1`` starts the controls at the fast budget of :mod:`awq_nb.settings`
+(the bundled model), otherwise at the full one.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import html
 import io
-import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -30,17 +29,24 @@ from typing import Callable
 from .config import GROUP_SIZES, AWQConfig
 from .errors import AwqNbError
 from .progress import Progress
+from .settings import FAST, FULL, Budget, is_fast
 
-FAST_ENV = "AWQ_NB_FAST"
-HUB_MODELS = ("HuggingFaceTB/SmolLM2-135M-Instruct", "Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B")
-CALIB_SOURCES = ("sotu", "pileval", "wikitext2")
+HUB_MODELS = (FULL.model, "Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B")
+CALIB_SOURCES = tuple(dict.fromkeys((FULL.calib, FAST.calib, "pileval", "wikitext2")))
+ROUNDINGS = (("round to nearest (AWQ)", "rtn"), ("GPTQ after AWQ", "gptq"))  # label, AWQConfig.rounding
 FIGURE_DPI = 90
-NORMAL_DEFAULTS = dict(model=HUB_MODELS[0], w_bit=4, group_size=64, zero_point=True, calib="sotu",
-                       n_samples=128, seqlen=512, eval_data="sotu", eval_seqlen=1024, eval_windows=40)
-# SmolLM2's hidden size 576 is not a multiple of 128, hence group_size=64 by default.
-FAST_DEFAULTS = dict(NORMAL_DEFAULTS, model="smollm2-135m", n_samples=8, seqlen=128, eval_seqlen=256,
-                     eval_windows=4, n_grid=10, clip_grid=10, search_samples=8)
 
+
+def budget_values(b: Budget) -> dict:
+    """Start values of the controls for budget ``b`` (:mod:`awq_nb.settings`). 4 bits in groups of
+    64: SmolLM2's hidden size 576 is not a multiple of 128."""
+    return dict(model=b.model, w_bit=4, group_size=64, zero_point=True, rounding=AWQConfig.rounding, calib=b.calib,
+                n_samples=b.n_samples, seqlen=b.seqlen, seed=b.seed, eval_data=b.eval_data, eval_seqlen=b.eval_seqlen,
+                eval_windows=b.eval_windows, n_grid=b.n_grid, clip_grid=b.clip_grid, search_samples=b.search_samples)
+
+
+NORMAL_DEFAULTS = budget_values(FULL)
+FAST_DEFAULTS = budget_values(FAST)
 
 
 @dataclass
@@ -49,12 +55,13 @@ class RunSettings:
 
     model: str
     config: AWQConfig
-    calib: str = "sotu"
-    n_samples: int = 128
-    seqlen: int = 512
-    eval_data: str = "sotu"
-    eval_seqlen: int = 1024
-    eval_windows: int | None = 40
+    calib: str = FULL.calib
+    n_samples: int = FULL.n_samples
+    seqlen: int = FULL.seqlen
+    seed: int = FULL.seed
+    eval_data: str = FULL.eval_data
+    eval_seqlen: int = FULL.eval_seqlen
+    eval_windows: int | None = FULL.eval_windows
     device: str = "cpu"
 
 
@@ -72,8 +79,7 @@ class RunOutcome:
 
 def default_values(environ=None) -> dict:
     """Start values of the controls; ``AWQ_NB_FAST=1`` in ``environ`` picks the fast ones."""
-    environ = os.environ if environ is None else environ
-    return dict(FAST_DEFAULTS if environ.get(FAST_ENV, "") not in ("", "0") else NORMAL_DEFAULTS)
+    return dict(FAST_DEFAULTS if is_fast(environ) else NORMAL_DEFAULTS)
 
 
 def _positive_int(values: dict, key: str, label: str, least: int = 1) -> int:
@@ -84,20 +90,25 @@ def _positive_int(values: dict, key: str, label: str, least: int = 1) -> int:
 
 
 def settings_from_values(values: dict) -> RunSettings:
-    """Validate widget values into :class:`RunSettings`; keys named like AWQConfig fields go to it."""
+    """Validate widget values into :class:`RunSettings`; keys named like AWQConfig fields go to it
+    (``rounding``: ``"rtn"`` or ``"gptq"``, the Rounding dropdown, becomes ``AWQConfig.rounding``)."""
     model = str(values.get("model") or "").strip()
     if not model:
         raise AwqNbError("Model is empty: pick a bundled model or type a Hugging Face id or a local folder.")
     calib = str(values.get("calib") or "").strip()
     if not calib:
         raise AwqNbError(f"Calibration source is empty: choose one of {CALIB_SOURCES} or type a text file path.")
+    rounding = values.get("rounding", AWQConfig.rounding)
+    if rounding not in {value for _, value in ROUNDINGS}:
+        raise AwqNbError(f"Rounding = {rounding!r}: choose " + " or ".join(f"{v!r} ({label})" for label, v in ROUNDINGS) + ".")
     names = {f.name for f in dataclasses.fields(AWQConfig)}
     config = AWQConfig(**{k: v for k, v in values.items() if k in names})
     return RunSettings(
         model=model, config=config, calib=calib,
         n_samples=_positive_int(values, "n_samples", "Calibration samples"),
         seqlen=_positive_int(values, "seqlen", "Sequence length", least=16),
-        eval_data=values.get("eval_data", "sotu"),
+        seed=values.get("seed", FULL.seed),
+        eval_data=values.get("eval_data", FULL.eval_data),
         eval_seqlen=_positive_int(values, "eval_seqlen", "Evaluation sequence length", least=16),
         eval_windows=_positive_int(values, "eval_windows", "Evaluation windows"),
         device=values.get("device", "cpu"),
@@ -106,40 +117,40 @@ def settings_from_values(values: dict) -> RunSettings:
 
 # -- the default runner: FP vs RTN vs AWQ --------------------------------------------------------
 
+def display_row(row: dict) -> dict:
+    """A :func:`~awq_nb.compare.compare_methods` row as the widget's table shows it:
+    ``{"method": "FP32" | "RTN w4g64" | "AWQ w4g64" | "AWQ+GPTQ w4g64", "perplexity", "size_bytes"}``."""
+    label = row["config"].upper() if row["method"] == "fp" else f"{row['method'].upper()} {row['config']}"
+    return {"method": label, "perplexity": row["perplexity"], "size_bytes": row["size_bytes"]}
+
+
 def run_pipeline(settings: RunSettings, progress: Progress) -> RunOutcome:
-    """Load the model, measure FP perplexity, quantize with AWQ (and a RTN copy), measure both."""
+    """Load the model, then :func:`awq_nb.compare.compare_methods`: FP, RTN and AWQ (with the chosen
+    rounding) on the same calibration and evaluation text. Keeps the AWQ model and result."""
     import torch
 
-    from . import calibration_blocks, eval_windows, fake_quantize, load_model, quantize
-    from .evaluate import model_size_bytes, perplexity
+    from . import load_model
+    from .compare import compare_methods
 
-    steps, t0, cfg = 5, time.perf_counter(), settings.config
-    progress(0, steps, f"loading {settings.model}")
+    t0 = time.perf_counter()
+    progress(0, 1, f"loading {settings.model}")
     model, tok = load_model(settings.model, dtype=torch.float32, device=settings.device)
-    progress(1, steps, f"calibration text: {settings.n_samples} x {settings.seqlen} tokens")
-    blocks = calibration_blocks(tok, source=settings.calib, n_samples=settings.n_samples, seqlen=settings.seqlen)
-    progress(2, steps, "perplexity of the floating-point model")
-    ppl = dict(windows=eval_windows(tok, settings.eval_data, seqlen=settings.eval_seqlen, max_windows=settings.eval_windows))
-    def stage(label: str) -> Progress:  # eval windows feed the same bar, labelled
-        return lambda done, total, desc="": progress(done, total, f"{label}: {desc}")
+    awq = {}
 
-    rows = [{"method": "FP32", "perplexity": perplexity(model, **ppl, progress=stage("perplexity, FP32"))["perplexity"],
-             "size_bytes": model_size_bytes(model)}]
-    rtn = copy.deepcopy(model)
-    result = quantize(model, tok, cfg, calib=blocks, progress=progress)  # search + apply + round
-    keep = result.config.get("modules_to_not_convert", [])
-    size = model_size_bytes(model, cfg.w_bit, cfg.group_size, cfg.zero_point, keep=tuple(keep))
-    progress(3, steps, "perplexity of RTN (round-to-nearest, no scaling)")
-    fake_quantize(rtn, cfg, keep=keep)
-    rows.append({"method": f"RTN {cfg.tag}", "perplexity": perplexity(rtn, **ppl, progress=stage("perplexity, RTN"))["perplexity"],
-                 "size_bytes": size})
-    del rtn
-    progress(4, steps, "perplexity of AWQ")
-    rows.append({"method": f"AWQ {cfg.tag}", "perplexity": perplexity(model, **ppl, progress=stage("perplexity, AWQ"))["perplexity"],
-                 "size_bytes": size})
-    progress(steps, steps, f"done in {time.perf_counter() - t0:.0f} s")
+    def keep_awq(row, quantized, result):
+        if result is not None:
+            awq.update(model=quantized, result=result)
+
+    rows = compare_methods(model, tok, [settings.config], methods=("fp", "rtn", "awq"), calib=settings.calib,
+                           n_samples=settings.n_samples, seqlen=settings.seqlen, seed=settings.seed,
+                           eval_data=settings.eval_data, eval_seqlen=settings.eval_seqlen,
+                           max_windows=settings.eval_windows, device=settings.device, progress=progress, log=None,
+                           on_model=keep_awq)
+    progress(1, 1, f"done in {time.perf_counter() - t0:.0f} s")
+    keep = awq["result"].config.get("modules_to_not_convert", [])
     notes = [f"kept in floating point: {', '.join(keep)}."] if keep else []
-    return RunOutcome(rows=rows, result=result, model=model, tokenizer=tok, notes=notes)
+    return RunOutcome(rows=[display_row(r) for r in rows], result=awq["result"], model=awq["model"], tokenizer=tok,
+                      notes=notes)
 
 
 def default_figures(outcome: RunOutcome) -> list:
@@ -243,6 +254,7 @@ class AWQApp:
         self.group_size = w.Dropdown(options=[(str(g) if g > 0 else "per-channel", g) for g in GROUP_SIZES],
                                      value=d["group_size"], description="Group size", style=wide)
         self.zero_point = w.Checkbox(value=d["zero_point"], description="Zero point (asymmetric)")
+        self.rounding = w.Dropdown(options=list(ROUNDINGS), value=d["rounding"], description="Rounding", style=wide)
         self.calib = w.Dropdown(options=list(CALIB_SOURCES), value=d["calib"] if d["calib"] in CALIB_SOURCES
                                 else CALIB_SOURCES[0], description="Calibration text", style=wide)
         self.calib_text = w.Text(value="" if d["calib"] in CALIB_SOURCES else d["calib"],
@@ -267,7 +279,7 @@ class AWQApp:
         self.run_button.on_click(self.run)
         self.save_button.on_click(self.save)
         controls = w.HBox([
-            w.VBox([self.model, self.model_text, self.w_bit, self.group_size, self.zero_point]),
+            w.VBox([self.model, self.model_text, self.w_bit, self.group_size, self.zero_point, self.rounding]),
             w.VBox([self.calib, self.calib_text, self.n_samples, self.seqlen, self.eval_windows, self.device]),
         ])
         self.output = w.VBox([self.message, self.table, self.plots])
@@ -287,7 +299,7 @@ class AWQApp:
         """The current control values, over the defaults (keys as in :data:`NORMAL_DEFAULTS`)."""
         v = dict(self.defaults)
         v.update(model=self.model_text.value.strip() or self.model.value, w_bit=self.w_bit.value,
-                 group_size=self.group_size.value, zero_point=self.zero_point.value,
+                 group_size=self.group_size.value, zero_point=self.zero_point.value, rounding=self.rounding.value,
                  calib=self.calib_text.value.strip() or self.calib.value, n_samples=self.n_samples.value,
                  seqlen=self.seqlen.value, eval_windows=self.eval_windows.value, device=self.device.value)
         return v

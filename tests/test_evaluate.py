@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 
 import awq_nb
+from awq_nb import evaluate
 from awq_nb.evaluate import kl_divergence, model_size_bytes, perplexity
-from tiny_models import tiny_model
+from tiny_models import tiny_model, tiny_tokenizer
 
 
 def test_perplexity_matches_a_direct_computation():
@@ -39,3 +40,23 @@ def test_model_size_counts_packed_weights_and_tied_embeddings_once():
     groups = lin_elems // 32
     q = model_size_bytes(model, w_bit=4, group_size=32)
     assert q == fp - lin_elems * 4 + lin_elems // 2 + groups * 2 + groups // 2
+
+
+def test_decode_speed_is_new_tokens_over_the_timed_generate(monkeypatch):
+    # A clock that only the model's generate moves (0.5 s per call) makes the expected speed exact.
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    clock, calls = [100.0], []
+    generate = model.generate
+
+    def timed_generate(ids, **kwargs):
+        out = generate(ids, **kwargs)
+        calls.append((kwargs.get("min_new_tokens"), kwargs["max_new_tokens"], out.shape[1] - ids.shape[1]))
+        clock[0] += 0.5
+        return out
+
+    model.generate = timed_generate
+    monkeypatch.setattr(evaluate.time, "perf_counter", lambda: clock[0])
+    speed = evaluate.decode_tokens_per_s(model, tok, prompt="t5 t6 t7", new_tokens=12, warmup_tokens=3)
+    assert len(calls) == 2 and calls[0][:2] == (None, 3)  # a warm-up of 3 tokens (an EOS may end it early)
+    assert calls[1] == (12, 12, 12)  # then exactly 12 new tokens, timed
+    assert speed == 12 / 0.5

@@ -83,18 +83,19 @@ def test_budget_follows_the_environment():
     from dataclasses import replace
 
     from awq_nb import nb
+    from awq_nb.settings import FAST, FULL
 
-    assert nb.budget({}) == nb.FULL
-    assert nb.budget({"AWQ_NB_FAST": "0"}) == nb.FULL
-    assert nb.budget({"AWQ_NB_FAST": "1"}) == nb.FAST
-    assert nb.budget({"AWQ_NB_FAST": "1", "AWQ_NB_MODEL": "gemma3-270m"}) == replace(nb.FAST, model="gemma3-270m")
+    assert nb.budget({}) == FULL
+    assert nb.budget({"AWQ_NB_FAST": "0"}) == FULL
+    assert nb.budget({"AWQ_NB_FAST": "1"}) == FAST
+    assert nb.budget({"AWQ_NB_FAST": "1", "AWQ_NB_MODEL": "gemma3-270m"}) == replace(FAST, model="gemma3-270m")
 
 
 def test_setup_notebook_outside_ipython(capsys):
-    from awq_nb import nb
+    from awq_nb import nb, settings
 
     env = nb.setup_notebook(environ={"AWQ_NB_FAST": "1", "AWQ_NB_OUT": "/tmp/x"})
-    assert env.fast and env.budget == nb.FAST and str(env.out_dir) == "/tmp/x"
+    assert env.fast and env.budget == settings.FAST and str(env.out_dir) == "/tmp/x"
     assert "FAST budget" in capsys.readouterr().out
 
 
@@ -106,9 +107,10 @@ def test_budget_blocks_limit_what_is_quantized():
     import awq_nb
     from awq_nb import nb
     from awq_nb.arch import find_quantizable, weight_nk
+    from awq_nb.settings import FAST
 
     model = _tiny_llama(layers=3)
-    budget = replace(nb.FAST, blocks=1)
+    budget = replace(FAST, blocks=1)
     names = nb.quantized_names(model, budget)
     assert names and all(n.startswith("model.layers.0.") for n in names)
     assert len(nb.quantized_names(model, replace(budget, blocks=None))) == len(find_quantizable(model))

@@ -1,13 +1,12 @@
 """The AWQ notebook UI without a model: injected runners, plotters and savers stand in for the engine."""
 import sys
-import types
 
 import pytest
 import torch
-from torch import nn
 
 import awq_nb
-from awq_nb import widgets
+import awq_nb.compare
+from awq_nb import settings, widgets
 from awq_nb.config import AWQConfig
 from awq_nb.errors import AwqNbError
 from awq_nb.quantizer import pseudo_quantize
@@ -34,11 +33,35 @@ def test_defaults_fast_and_normal():
     assert normal["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and normal["n_samples"] == 128
 
 
+@pytest.mark.parametrize("environ, budget", [({"AWQ_NB_FAST": "1"}, settings.FAST), ({}, settings.FULL)])
+def test_widget_settings_are_the_budget(environ, budget):
+    # the widget and the notebooks read one budget (awq_nb/settings.py): the same text, windows and search
+    s = widgets.settings_from_values(widgets.default_values(environ))
+    assert (s.model, s.calib, s.n_samples, s.seqlen, s.seed, s.eval_data, s.eval_seqlen, s.eval_windows) == (
+        budget.model, budget.calib, budget.n_samples, budget.seqlen, budget.seed, budget.eval_data,
+        budget.eval_seqlen, budget.eval_windows)
+    assert (s.config.n_grid, s.config.clip_grid, s.config.search_samples) == (
+        budget.n_grid, budget.clip_grid, budget.search_samples)
+
+
 def test_settings_from_values_builds_a_config():
     v = dict(widgets.default_values({"AWQ_NB_FAST": "1"}), w_bit=3, group_size=128, zero_point=False)
     s = widgets.settings_from_values(v)
-    assert s.config == AWQConfig(w_bit=3, group_size=128, zero_point=False, n_grid=10, clip_grid=10, search_samples=8)
-    assert (s.model, s.calib, s.n_samples, s.seqlen, s.eval_windows) == ("smollm2-135m", "sotu", 8, 128, 4)
+    assert s.config == AWQConfig(w_bit=3, group_size=128, zero_point=False, n_grid=10, clip_grid=10, search_samples=4)
+    assert (s.model, s.calib, s.n_samples, s.seqlen, s.eval_windows) == ("smollm2-135m", "sotu:1980-1989", 8, 128, 3)
+
+
+def test_rounding_dropdown_sets_the_config_rounding():
+    app = _app()
+    assert app.rounding.options == (("round to nearest (AWQ)", "rtn"), ("GPTQ after AWQ", "gptq"))
+    assert app.rounding.value == "rtn" and widgets.settings_from_values(app.values()).config.rounding == "rtn"
+    app.rounding.label = "GPTQ after AWQ"
+    assert app.values()["rounding"] == "gptq"
+    assert widgets.settings_from_values(app.values()).config.rounding == "gptq"
+    got = {}
+    app.runner = lambda s, p: got.setdefault("config", s.config) and widgets.RunOutcome(rows=ROWS)
+    app.run()
+    assert got["config"].rounding == "gptq" and got["config"].tag == "w4g64"
 
 
 @pytest.mark.parametrize("change, match", [
@@ -48,6 +71,7 @@ def test_settings_from_values_builds_a_config():
     ({"seqlen": 8}, "at least 16"),
     ({"group_size": 100}, "group_size=100"),
     ({"w_bit": 9}, "w_bit=9"),
+    ({"rounding": "awq"}, "Rounding = 'awq': choose 'rtn' .* or 'gptq'"),
 ])
 def test_settings_reject_bad_values(change, match):
     with pytest.raises(AwqNbError, match=match):
@@ -197,46 +221,35 @@ def test_default_figures_on_synthetic_result():
     assert len(widgets.default_figures(widgets.RunOutcome(rows=ROWS))) == 1
 
 
-def test_run_pipeline_plumbing_with_a_fake_engine(monkeypatch):
-    model = nn.Sequential(nn.Embedding(10, 64), nn.Linear(64, 64))
+def test_run_pipeline_hands_the_settings_to_compare_methods(monkeypatch):
+    fp_model, awq_model, result = object(), object(), AWQResult(config={"modules_to_not_convert": ["lm_head"]})
     calls = []
 
-    def quantize(m, tok, config, calib, progress):
-        progress(1, 2, "block 0")
-        calls.append(("quantize", m is model, config.tag, tuple(calib.shape)))
-        return AWQResult(config=dict(config.to_dict(), modules_to_not_convert=["lm_head"]))
+    def compare_methods(model, tok, configs, **kw):
+        calls.append((model, tok, configs, kw))
+        kw["progress"](1, 2, "awq w4g64: block 0")
+        rows = [{"method": "fp", "config": "fp32", "perplexity": 10.0, "size_bytes": 1000},
+                {"method": "rtn", "config": "w4g64", "perplexity": 12.5, "size_bytes": 300},
+                {"method": "awq+gptq", "config": "w4g64", "perplexity": 11.0, "size_bytes": 300}]
+        for row, m, r in zip(rows, (fp_model, object(), awq_model), (None, None, result)):
+            kw["on_model"](row, m, r)
+        return rows
 
-    def fake_quantize(m, config, keep):
-        calls.append(("rtn", m is model, keep))
-
-    def eval_windows(tok, data, seqlen, max_windows):
-        calls.append(("windows", data, seqlen, max_windows))
-        return torch.zeros(max_windows, seqlen, dtype=torch.long)
-
-    def perplexity(m, windows, progress=None):
-        calls.append(("ppl", m is model, tuple(windows.shape)))
-        return {"perplexity": float(len(calls)), "windows": windows.shape[0], "tokens": windows.numel()}
-
-    def model_size_bytes(m, w_bit=None, group_size=128, zero_point=True, keep=()):
-        return 1000 if w_bit is None else w_bit * 10 + len(keep)
-
-    monkeypatch.setattr(awq_nb, "load_model", lambda name, dtype, device: (model, "tok"))
-    monkeypatch.setattr(awq_nb, "calibration_blocks",
-                        lambda tok, source, n_samples, seqlen: torch.zeros(n_samples, seqlen, dtype=torch.long))
-    monkeypatch.setattr(awq_nb, "quantize", quantize)
-    monkeypatch.setattr(awq_nb, "eval_windows", eval_windows)
-    monkeypatch.setattr(awq_nb, "fake_quantize", fake_quantize)
-    monkeypatch.setitem(sys.modules, "awq_nb.evaluate",
-                        types.SimpleNamespace(perplexity=perplexity, model_size_bytes=model_size_bytes))
+    monkeypatch.setattr(awq_nb, "load_model", lambda name, dtype, device: (fp_model, "tok"))
+    monkeypatch.setattr(awq_nb.compare, "compare_methods", compare_methods)
     steps = []
-    settings = widgets.settings_from_values(widgets.default_values({"AWQ_NB_FAST": "1"}))
-    out = widgets.run_pipeline(settings, lambda d, t, desc: steps.append((d, t)))
-    assert calls == [("windows", "sotu", 256, 4), ("ppl", True, (4, 256)), ("quantize", True, "w4g64", (8, 128)),
-                     ("rtn", False, ["lm_head"]), ("ppl", False, (4, 256)), ("ppl", True, (4, 256))]
-    assert out.rows == [{"method": "FP32", "perplexity": 2.0, "size_bytes": 1000},
-                        {"method": "RTN w4g64", "perplexity": 5.0, "size_bytes": 41},
-                        {"method": "AWQ w4g64", "perplexity": 6.0, "size_bytes": 41}]
-    assert (1, 2) in steps and steps[-1] == (5, 5) and out.model is model
+    settings_ = widgets.settings_from_values(dict(widgets.default_values({"AWQ_NB_FAST": "1"}), rounding="gptq"))
+    out = widgets.run_pipeline(settings_, lambda d, t, desc: steps.append((d, t, desc)))
+    [(model, tok, configs, kw)] = calls
+    assert model is fp_model and tok == "tok" and configs == [settings_.config] and configs[0].rounding == "gptq"
+    assert kw["methods"] == ("fp", "rtn", "awq") and kw["device"] == "cpu"
+    assert (kw["calib"], kw["n_samples"], kw["seqlen"], kw["seed"]) == ("sotu:1980-1989", 8, 128, 0)
+    assert (kw["eval_data"], kw["eval_seqlen"], kw["max_windows"]) == ("sotu", 256, 3)
+    assert out.rows == [{"method": "FP32", "perplexity": 10.0, "size_bytes": 1000},
+                        {"method": "RTN w4g64", "perplexity": 12.5, "size_bytes": 300},
+                        {"method": "AWQ+GPTQ w4g64", "perplexity": 11.0, "size_bytes": 300}]
+    assert out.model is awq_model and out.result is result and out.tokenizer == "tok"
+    assert (1, 2, "awq w4g64: block 0") in steps and steps[-1][:2] == (1, 1)
     assert out.notes == ["kept in floating point: lm_head."]
 
 
