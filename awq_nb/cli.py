@@ -76,7 +76,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="hold one decoder block in memory at a time and write the checkpoint shard by shard "
                         "(awq_nb.quantize_streaming; same bytes as off). auto (default): on when the model's "
                         f"safetensors exceed {int(STREAM_FRACTION * 100)}%% of the available RAM; needs a packed "
-                        "4-bit checkpoint and a local folder (bundled models are)")
+                        "4-bit checkpoint and a local folder (bundled models are). on also takes a hub id, "
+                        "downloaded shard by shard as the blocks need it")
+    q.add_argument("--delete-shards", action="store_true",
+                   help="--streaming on with a hub id: download into a temporary folder and delete each shard once "
+                        "read, so the disk holds about one shard at a time")
     q.add_argument("--save-search", choices=["beside", "inside", "no"], default="beside",
                    help="where the search results go (safetensors + JSON, no pickle): beside the output folder as "
                         "OUT.awq_search.safetensors (default), inside it as awq_search.safetensors (then shared with "
@@ -260,7 +264,8 @@ def _quantize_streaming(a, config: AWQConfig, out: Path, t0: float) -> dict:
         t_search = time.perf_counter()
         result, _ = quantize_streaming(folder, tmp / "model", config, calib=a.calib, n_samples=a.n_samples,
                                        seqlen=a.seqlen, seed=a.seed, device=a.device, dtype=_resolve_dtype(a.dtype),
-                                       progress=progress, save_progress=console_progress("save", "shard"))
+                                       progress=progress, save_progress=console_progress("save", "shard"),
+                                       delete_shards=a.delete_shards)
         seconds = time.perf_counter() - t_search
         for f in (tmp / "model").iterdir():
             f.rename(tmp / f.name)
