@@ -97,6 +97,9 @@ DEVICES = {
     "A100-40GB": Device("Colab A100 40GB", 83.5 * GB, 40.0 * GB, 200 * GB, 19.5e12),
 }
 
+# fp32 peaks from NVIDIA's data sheets, for device="auto" (matched in the GPU's name; others: the T4's).
+GPU_FP32_FLOPS = {"T4": 8.1e12, "L4": 30.3e12, "V100": 15.7e12, "A100": 19.5e12, "H100": 67e12, "H200": 67e12}
+
 # Families (HF model_type) whose MLP is two Linears (fc1, fc2) instead of gate/up/down, and the
 # config field that names their MLP width when it is not ``intermediate_size``.
 _PLAIN_MLP = {"opt", "gpt2", "gpt_neox"}
@@ -304,23 +307,36 @@ def search_seconds(s: Shapes, n_samples: int, seqlen: int, search_samples: int, 
     return s.layers * s.block_params * costs.cpu_seconds_per_weight * tokens * costs.cpu_peak_flops / flops
 
 
+def this_machine(use_gpu: bool = True, costs: Costs = COSTS) -> Device:
+    """This machine: available RAM, free disk of the working directory, and (``use_gpu`` and CUDA
+    present) the first GPU's memory, else the CPU's threads."""
+    from .memory import available_ram_bytes
+
+    try:
+        disk = float(shutil.disk_usage(Path.cwd()).free)
+    except OSError:
+        disk = None
+    import torch
+
+    if use_gpu and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        flops = next((v for k, v in GPU_FP32_FLOPS.items() if k in props.name), GPU_FP32_FLOPS["T4"])
+        return Device(props.name, available_ram_bytes(), float(props.total_memory), disk, flops)
+    threads = torch.get_num_threads()  # what the search will use
+    return Device(f"this machine's CPU ({threads} threads)", available_ram_bytes(), None, disk,
+                  costs.cpu_peak_flops * threads / costs.cpu_threads)
+
+
 def _device(device, ram_gb, vram_gb, disk_gb, costs: Costs) -> Device:
     if isinstance(device, Device):
         base = device
-    elif device == "cpu":
-        from .memory import available_ram_bytes
-
-        threads = os.cpu_count() or 1
-        try:
-            disk = float(shutil.disk_usage(Path.cwd()).free)
-        except OSError:
-            disk = None
-        base = Device(f"this machine's CPU ({threads} threads)", available_ram_bytes(), None, disk,
-                      costs.cpu_peak_flops * threads / costs.cpu_threads)
+    elif device in ("cpu", "auto"):
+        base = this_machine(use_gpu=device == "auto", costs=costs)
     elif device in DEVICES:
         base = DEVICES[device]
     else:
-        raise AwqNbError(f"device={device!r} is not known: choose one of {[*DEVICES, 'cpu']}, or pass a sizing.Device.")
+        raise AwqNbError(f"device={device!r} is not known: choose one of {[*DEVICES, 'cpu', 'auto']}, or pass a "
+                         "sizing.Device.")
     over = {k: v * GB for k, v in (("ram_bytes", ram_gb), ("vram_bytes", vram_gb), ("disk_bytes", disk_gb)) if v is not None}
     return replace(base, **over)
 
@@ -333,8 +349,9 @@ def estimate(model, device="T4", *, ram_gb: float | None = None, vram_gb: float 
     anything is downloaded (only a hub model's config.json is fetched).
 
     ``model``: a hub id, a local folder, a bundled name, a ``PretrainedConfig`` or a config dict.
-    ``device``: "T4" (free Colab), "A100-40GB", "cpu" (this machine: available RAM, free disk of the
-    working directory) or a :class:`Device`; ``ram_gb``/``vram_gb``/``disk_gb`` override its figures.
+    ``device``: "T4" (free Colab), "A100-40GB", "cpu" (this machine's CPU: available RAM, free disk of
+    the working directory), "auto" (this machine, with its GPU if CUDA sees one) or a :class:`Device`;
+    ``ram_gb``/``vram_gb``/``disk_gb`` override its figures.
     ``dtype``: the model's dtype while quantizing ("float16" on a GPU, "float32" on a CPU, as the
     notebooks load it). ``delete_shards``: the streaming path deletes each downloaded shard once read.
     Prints nothing; ``print(est)`` shows a table.
@@ -348,13 +365,13 @@ def estimate(model, device="T4", *, ram_gb: float | None = None, vram_gb: float 
         raise AwqNbError(f"dtype={dtype!r} is not supported: choose float32, float16 or bfloat16.")
     c = _DTYPE_BYTES[dtype]
     stored = 4 if source == "bundled" else s.source_bytes_per_param  # bundled: the fp32 folder converted from GGUF
-    download = 0.0 if source == "local" else s.params * stored
+    download = s.params * stored if source in ("hub", "config") else 0.0  # a bundled model is installed
     ckpt = checkpoint_bytes(s, group_size)
     shard = min(max_shard_size, ckpt)
     acts = activation_bytes(s, n_samples, seqlen, search_samples, c)
     work = search_bytes(s, c, costs)
     seconds = search_seconds(s, n_samples, seqlen, search_samples, dev.fp32_flops, costs)
-    fetch = download / costs.download_bytes_per_s if source in ("hub", "config") else 0.0
+    fetch = download / costs.download_bytes_per_s
 
     base = costs.runtime_bytes + (costs.cuda_host_bytes if gpu else 0.0)
     model_ram = s.params * c

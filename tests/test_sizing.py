@@ -135,6 +135,12 @@ def test_cpu_device_reads_this_machine(monkeypatch):
     assert est.streaming.seconds > 20 * awq_nb.estimate(LLAMA31_8B, "T4").streaming.seconds
 
 
+def test_auto_device_without_a_gpu_is_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    est = awq_nb.estimate(BENCH, "auto")
+    assert est.device.vram_bytes is None and "CPU" in est.device.name
+
+
 def test_calibration_tokens_cost_memory_and_time():
     small, large = (awq_nb.estimate(BENCH, "cpu", ram_gb=24, disk_gb=100, n_samples=n) for n in (32, 256))
     assert large.streaming.ram_bytes - small.streaming.ram_bytes == pytest.approx(224 * 512 * 2048 * 4)
