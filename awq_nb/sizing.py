@@ -310,14 +310,14 @@ def search_seconds(s: Shapes, n_samples: int, seqlen: int, search_samples: int, 
 def this_machine(use_gpu: bool = True, costs: Costs = COSTS) -> Device:
     """This machine: available RAM, free disk of the working directory, and (``use_gpu`` and CUDA
     present) the first GPU's memory, else the CPU's threads."""
+    import torch
+
     from .memory import available_ram_bytes
 
     try:
         disk = float(shutil.disk_usage(Path.cwd()).free)
     except OSError:
         disk = None
-    import torch
-
     if use_gpu and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         flops = next((v for k, v in GPU_FP32_FLOPS.items() if k in props.name), GPU_FP32_FLOPS["T4"])
@@ -352,15 +352,17 @@ def estimate(model, device="T4", *, ram_gb: float | None = None, vram_gb: float 
     ``device``: "T4" (free Colab), "A100-40GB", "cpu" (this machine's CPU: available RAM, free disk of
     the working directory), "auto" (this machine, with its GPU if CUDA sees one) or a :class:`Device`;
     ``ram_gb``/``vram_gb``/``disk_gb`` override its figures.
-    ``dtype``: the model's dtype while quantizing ("float16" on a GPU, "float32" on a CPU, as the
-    notebooks load it). ``delete_shards``: the streaming path deletes each downloaded shard once read.
+    ``dtype``: the model's dtype while quantizing (a name or a torch dtype; default "float16" on a
+    GPU, "float32" on a CPU, as the notebooks load it). ``delete_shards``: the streaming path deletes each downloaded shard once read.
+    The time assumes the default grids (``n_grid=20``, ``clip_grid=20``); coarser grids run faster
+    (notebook 08's fast budget, 10 and 10 on 8 x 128 tokens: ~6 min estimated, 79 s measured).
     Prints nothing; ``print(est)`` shows a table.
     """
     name, cfg, source = _config_dict(model)
     s = shapes_of(cfg, name)
     dev = _device(device, ram_gb, vram_gb, disk_gb, costs)
     gpu = dev.vram_bytes is not None
-    dtype = dtype or ("float16" if gpu else "float32")
+    dtype = str(dtype).replace("torch.", "") if dtype is not None else ("float16" if gpu else "float32")
     if dtype not in _DTYPE_BYTES:
         raise AwqNbError(f"dtype={dtype!r} is not supported: choose float32, float16 or bfloat16.")
     c = _DTYPE_BYTES[dtype]

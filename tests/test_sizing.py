@@ -141,6 +141,14 @@ def test_auto_device_without_a_gpu_is_the_cpu(monkeypatch):
     assert est.device.vram_bytes is None and "CPU" in est.device.name
 
 
+def test_dtype_sets_the_model_bytes():
+    fp32, fp16 = (awq_nb.estimate(LLAMA31_8B, "A100-40GB", dtype=d) for d in (torch.float32, "float16"))
+    # fp32: the model in 4 bytes a weight, plus the bf16 file's pages while it is cast
+    assert fp32.in_memory.ram_bytes > 6 * fp16.params > 2 * fp16.params > fp16.in_memory.ram_bytes - 4 * GB
+    with pytest.raises(AwqNbError, match="dtype='int8' is not supported"):
+        awq_nb.estimate(LLAMA31_8B, dtype="int8")
+
+
 def test_calibration_tokens_cost_memory_and_time():
     small, large = (awq_nb.estimate(BENCH, "cpu", ram_gb=24, disk_gb=100, n_samples=n) for n in (32, 256))
     assert large.streaming.ram_bytes - small.streaming.ram_bytes == pytest.approx(224 * 512 * 2048 * 4)
