@@ -13,8 +13,9 @@ and the streaming path (:func:`awq_nb.streaming.quantize_streaming`), what each 
   matrices ``X^T X`` (one ``[K, K]`` fp32 per Linear, and a second one per clipped Linear for the
   whole-row clip loss) and the search's other temporaries (:data:`COSTS.temp_factor` times the
   block's fp32 bytes);
-* in-memory: the whole model in the compute dtype, plus, while loading from a file stored in
-  another dtype, the memory-mapped source pages;
+* in-memory: the whole model in RAM in the compute dtype, plus, while loading from a file stored
+  in another dtype, the memory-mapped source pages (as the CLI runs it: each block goes to the GPU
+  for its search; notebook 00 keeps the whole model on the GPU, which then holds it too);
 * streaming: one block, or the embeddings while block 0's inputs are captured, whichever is larger.
 
 Every measured or assumed number is one field of :class:`Costs` (:data:`COSTS`), with where it
