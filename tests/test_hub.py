@@ -154,18 +154,25 @@ def test_is_hub_id(tmp_path):
     assert not is_hub_id(str(tmp_path / "x"))
 
 
-def test_cli_streams_a_hub_model(tmp_path, monkeypatch):
+@pytest.mark.parametrize("streaming", ["on", "auto"])
+def test_cli_streams_a_hub_model(tmp_path, monkeypatch, streaming):
+    # on; or auto, when the size config.json gives (the only file fetched to decide) exceeds 40 % of the free RAM
     import tempfile
 
+    import awq_nb.memory
     from awq_nb.cli import main
+    from transformers import AutoConfig
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # --delete-shards downloads into a temporary folder
     repo = _saved(tmp_path, layers=2)
     log = _fake_hub(monkeypatch, repo, tmp_path / "hf-cache")
+    read = AutoConfig.from_pretrained
+    monkeypatch.setattr(AutoConfig, "from_pretrained", lambda name, **kw: read(repo if name == REPO else name, **kw))
+    monkeypatch.setattr(awq_nb.memory, "available_ram_bytes", lambda: 100_000)  # the tiny model is ~0.3 MB
     calib = tmp_path / "calib.txt"
     calib.write_text(" ".join(f"t{i % 128}" for i in range(4000)))
     args = ["quantize", REPO, "--out", str(tmp_path / "q"), "--group-size", "32", "--calib", str(calib), "--n-samples",
-            "2", "--seqlen", "32", "--n-grid", "2", "--no-clip", "--streaming", "on", "--delete-shards",
+            "2", "--seqlen", "32", "--n-grid", "2", "--no-clip", "--streaming", streaming, "--delete-shards",
             "--save-search", "no"]
     assert main(args) == 0
     summary = json.loads((tmp_path / "q" / "awq_nb_summary.json").read_text())
