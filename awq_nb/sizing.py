@@ -49,8 +49,9 @@ class Costs:
     # (2026-12-01: hidden 2048, 22 layers, 4 x 128 tokens, fp32, peak RSS 2.66 GB): 2.66 GB less
     # the other terms of the sum (runtime, open shard, block, Grams, working copy) is ~0.64 GB,
     # 3.5 x the 180 MB fp32 block. Checked against runs it was not fitted to (tests/test_sizing.py):
-    # the in-memory run of the same command (7.19 GB) and SmolLM2-135M at 128 x 512 (1.438 GB,
-    # 2026-11-30). Lower it here when the streaming path's per-block memory is cut.
+    # the in-memory run of the same command (7.19 GB), SmolLM2-135M at 128 x 512 (1.438 GB,
+    # 2026-11-30) and the same model cut to 4 layers, streamed (2.14 GB, 2026-12-01, docs/colab.md).
+    # Lower it here when the streaming path's per-block memory is cut.
     temp_factor: float = 3.5
     # CPU search time per weight of a decoder block at the default budget (128 x 512 calibration
     # tokens, 16 replayed sequences, default grids): SmolLM2-135M w4g64, 701.1 s for 30 blocks of
