@@ -14,6 +14,7 @@ from .engine import apply_awq, check_model, fake_quantize, quantize, search
 from .errors import AwqNbError
 from .models import BUNDLED_MODELS, load_model
 from .results import AWQResult, ChannelStats, ClipRecord, ScaleRecord
+from .sizing import Estimate, estimate
 
 __version__ = "0.1.0"
 
@@ -31,7 +32,7 @@ def __getattr__(name):  # the checkpoint and kernel layers load on first use
 
 
 __all__ = [
-    "AWQConfig", "AWQResult", "AwqNbError", "BUNDLED_MODELS", "ChannelStats", "ClipRecord", "ScaleRecord",
-    "apply_awq", "calibration_blocks", "check_model", "eval_windows", "fake_quantize", "load_model",
+    "AWQConfig", "AWQResult", "AwqNbError", "BUNDLED_MODELS", "ChannelStats", "ClipRecord", "Estimate", "ScaleRecord",
+    "apply_awq", "calibration_blocks", "check_model", "estimate", "eval_windows", "fake_quantize", "load_model",
     "load_quantized", "load_texts", "quantize", "quantize_streaming", "save_quantized", "search",
 ]

@@ -81,7 +81,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="hold one decoder block in memory at a time and write the checkpoint shard by shard "
                         "(awq_nb.quantize_streaming; same bytes as off). auto (default): on when the model's "
                         f"safetensors exceed {int(STREAM_FRACTION * 100)}%% of the available RAM; needs a packed "
-                        "4-bit checkpoint and a local folder (bundled models are)")
+                        "4-bit checkpoint; a hub id is downloaded shard by shard as the blocks need it")
+    q.add_argument("--delete-shards", action="store_true",
+                   help="streaming a hub id: download into a temporary folder and delete each shard once "
+                        "read, so the disk holds about one shard at a time")
     q.add_argument("--save-search", choices=["beside", "inside", "no"], default="beside",
                    help="where the search results go (safetensors + JSON, no pickle): beside the output folder as "
                         "OUT.awq_search.safetensors (default), inside it as awq_search.safetensors (then shared with "
@@ -225,8 +228,9 @@ def _weights_bytes(folder: Path) -> int:
 
 
 def _use_streaming(a, packed: bool) -> bool:
-    """--streaming on/off, or auto: stream a packed checkpoint of a local safetensors folder whose
-    weights exceed STREAM_FRACTION of the available RAM."""
+    """--streaming on/off, or auto: stream a packed checkpoint of a local safetensors folder, or a hub
+    model (its size estimated from its config.json), whose weights exceed STREAM_FRACTION of the
+    available RAM."""
     if a.streaming == "off":
         return False
     if not packed:
@@ -236,14 +240,22 @@ def _use_streaming(a, packed: bool) -> bool:
         return False
     if a.streaming == "on":
         return True
+    from .hub import is_hub_id
     from .memory import available_ram_bytes
     from .models import BUNDLED_MODELS, resolve_model_path
 
+    avail = available_ram_bytes()
+    if avail is not None and is_hub_id(a.model):  # its size from config.json, before any weights are fetched
+        from .sizing import estimate
+
+        try:
+            return estimate(a.model, "cpu").download_bytes > STREAM_FRACTION * avail
+        except AwqNbError:
+            return False  # no config.json to read: load_model then says what is wrong with the id
     p = Path(a.model).expanduser()
     if not (p.is_dir() or a.model.lower() in BUNDLED_MODELS):
         return False
     folder = Path(resolve_model_path(a.model))
-    avail = available_ram_bytes()
     return avail is not None and folder.is_dir() and _weights_bytes(folder) > STREAM_FRACTION * avail
 
 
@@ -266,7 +278,8 @@ def _quantize_streaming(a, config: AWQConfig, out: Path, t0: float) -> dict:
         t_search = time.perf_counter()
         result, _ = quantize_streaming(folder, tmp / "model", config, calib=a.calib, n_samples=a.n_samples,
                                        seqlen=a.seqlen, seed=a.seed, device=a.device, dtype=_resolve_dtype(a.dtype),
-                                       progress=progress, save_progress=console_progress("save", "shard"))
+                                       progress=progress, save_progress=console_progress("save", "shard"),
+                                       delete_shards=a.delete_shards)
         seconds = time.perf_counter() - t_search
         for f in (tmp / "model").iterdir():
             f.rename(tmp / f.name)

@@ -31,6 +31,7 @@ from .checkpoint import (ShardWriter, _check_target, _open, _shards, _tensor_fil
 from .config import AWQConfig
 from .engine import _resolve_calib, apply_block, check_finite, search_blocks
 from .errors import AwqNbError
+from .hub import is_hub_id, open_hub_model
 from .memory import trim
 from .models import _check_local_folder, _check_pickle_only, quant_method, resolve_model_path
 from .packing import check_format
@@ -65,6 +66,8 @@ def load_tensors(model: nn.Module, keys: list[str], located: dict[str, Path], dt
         for key in names:
             t = f.get_tensor(key)
             set_module_tensor_to_device(model, key, "cpu", value=t.to(dtype) if t.is_floating_point() else t)
+        if hasattr(located, "consumed"):  # a hub model's shards, fetched on demand (awq_nb/hub.py)
+            located.consumed(names)
 
 
 def _head_prefix(model: nn.Module) -> str:
@@ -91,20 +94,25 @@ def _block_of(key: str, prefix: str) -> int | None:
 def quantize_streaming(path, out_dir, config: AWQConfig, calib=FULL.calib, n_samples: int = FULL.n_samples, seqlen: int = FULL.seqlen,
                        seed: int = FULL.seed, device=None, dtype: torch.dtype = torch.float32, out_dtype: torch.dtype | None = None,
                        max_shard_size: int | str = "2GB", overwrite: bool = False, progress: Progress | None = None,
-                       save_progress: Progress | None = None) -> tuple[AWQResult, Path]:
-    """Quantize the safetensors model at ``path`` (a folder, a bundled name or a hub id already
-    downloaded to a folder) with AWQ and write the AutoAWQ "gemm" checkpoint ``out_dir``, holding
-    one decoder block in memory at a time (module docstring). Returns ``(result, out_dir)``.
+                       save_progress: Progress | None = None, revision: str | None = None,
+                       delete_shards: bool = False) -> tuple[AWQResult, Path]:
+    """Quantize the safetensors model at ``path`` (a folder, a bundled name or a hub id) with AWQ
+    and write the AutoAWQ "gemm" checkpoint ``out_dir``, holding one decoder block in memory at a
+    time (module docstring). Returns ``(result, out_dir)``.
 
     Arguments are those of :func:`awq_nb.search` and :func:`awq_nb.save_quantized`; ``dtype`` is the
     dtype the search computes in (as ``load_model(..., dtype=)``), ``out_dtype`` the checkpoint's.
+    A hub id (at ``revision``) is downloaded shard by shard as the blocks need it (:mod:`awq_nb.hub`);
+    ``delete_shards=True`` deletes each downloaded shard once all its tensors were read.
     """
     from transformers import AutoTokenizer
 
-    folder = Path(resolve_model_path(str(path)))
+    folder, located = Path(resolve_model_path(str(path))), None
+    if not folder.is_dir() and is_hub_id(str(path)):
+        folder, located = open_hub_model(str(path), revision=revision, delete_shards=delete_shards)
     if not folder.is_dir():
-        raise AwqNbError(f"quantize_streaming reads a local folder of safetensors shards; {path!r} is not one "
-                         "(download a hub model first, e.g. huggingface_hub.snapshot_download).")
+        raise AwqNbError(f"quantize_streaming reads a local folder of safetensors shards or a hub id (owner/name); "
+                         f"{path!r} is neither.")
     if quant_method(str(folder)) == "awq":
         raise AwqNbError(f"{folder} is already an AWQ checkpoint: quantize the original floating-point model instead.")
     _check_local_folder(str(folder), trust_remote_code=False)
@@ -119,7 +127,7 @@ def quantize_streaming(path, out_dir, config: AWQConfig, calib=FULL.calib, n_sam
     model = skeleton(folder, dtype)
     spec = get_spec(model)
     prefix = spec.blocks + "."
-    located = _tensor_files(folder)
+    located = _tensor_files(folder) if located is None else located
     outside = [k for k in located if not k.startswith(prefix)]
     head = {k for k in outside if k.startswith(_head_prefix(model))}  # not needed before it is written
     load_tensors(model, [k for k in outside if k not in head], located, dtype)
