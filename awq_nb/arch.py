@@ -140,6 +140,14 @@ def set_weight_nk(m: nn.Module, w: torch.Tensor) -> None:
     weight_nk(m).copy_(w)
 
 
+def swap_weight_nk(m: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """Make ``w [N, K]`` the weight of ``m`` without copying it; returns the weight it replaced, as
+    ``[N, K]`` (swap it back to restore)."""
+    old = weight_nk(m)
+    m.weight.data = w if isinstance(m, nn.Linear) else w.t()
+    return old
+
+
 def block_linears(block: nn.Module) -> dict[str, nn.Module]:
     """All quantizable Linears (nn.Linear and GPT-2 Conv1D) inside one decoder block, by relative name."""
     return {name: m for name, m in block.named_modules() if is_linear(m)}

@@ -125,7 +125,7 @@ def _prepare_out(out: Path) -> Path:
 
 
 def cmd_quantize(a) -> dict:
-    from . import load_model, search, apply_awq, fake_quantize, calibration_blocks
+    from . import load_model, search, fake_quantize, calibration_blocks
 
     config = AWQConfig(
         w_bit=a.w_bit, group_size=a.group_size, zero_point=not a.no_zero_point, n_grid=a.n_grid, clip=not a.no_clip,
@@ -157,8 +157,7 @@ def cmd_quantize(a) -> dict:
         bar(done, total, desc)
 
     t_search = time.perf_counter()
-    result = search(model, blocks, config, progress=progress, device=a.device)
-    apply_awq(model, result)
+    result = search(model, blocks, config, progress=progress, device=a.device, apply=True)
     seconds = time.perf_counter() - t_search
     trim()  # before packing and saving allocate their copies (awq_nb/memory.py)
     tmp = _prepare_out(out)

@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .arch import ArchSpec, block_linears, find_quantizable, fold_scales, get_blocks, get_spec, is_linear, resolve_groups, weight_nk
+from .arch import (ArchSpec, block_linears, find_quantizable, fold_scales, get_blocks, get_spec, is_linear, resolve_groups,
+                   swap_weight_nk, weight_nk)
 from .capture import capture_inputs, cast_floats, first_tensor, map_tensors
 from .config import AWQConfig
 from .errors import AwqNbError
@@ -25,7 +26,7 @@ from .results import AWQResult, ClipRecord, ScaleRecord
 from .rounding import Rounded, codes_for, get_rounder, round_weight
 from .memory import trim
 from .progress import Progress, console_progress
-from .search import apply_clip_, clip_ratio_grid, gram_loss, search_clip, search_scales, unscaled_gram
+from .search import apply_clip_, clip_ratio_grid, gram_loss, search_clip, search_scales, unscale_gram_
 from .settings import FULL
 from .trace import BlockTrace, trace_block
 from .wqlinear import WQLinear, matches_any
@@ -96,11 +97,11 @@ def _replay_loss(inspect: nn.Module, layers: list[nn.Module], calls: list, targe
     numel = sum(t.numel() for t in targets)
 
     def loss_fn(eff: list[torch.Tensor], bound: float = math.inf) -> tuple[float, bool]:
-        saved = [weight_nk(m).clone() for m in layers]
+        saved = []
         err, done = 0.0, 0
         try:
-            for m, e in zip(layers, eff):
-                weight_nk(m).copy_(e)
+            for m, e in zip(layers, eff):  # the candidates become the weights, no copy either way
+                saved.append(swap_weight_nk(m, e))
             with torch.no_grad():
                 for (a, k), t in zip(calls, targets):
                     err += float((first_tensor(inspect(*a, **k)) - t).pow(2).sum())
@@ -109,7 +110,7 @@ def _replay_loss(inspect: nn.Module, layers: list[nn.Module], calls: list, targe
                         break  # already loses: a lower bound is all the caller needs
         finally:
             for m, w in zip(layers, saved):
-                weight_nk(m).copy_(w)
+                swap_weight_nk(m, w)
         return err / numel, done == len(calls)
 
     return loss_fn
@@ -148,25 +149,43 @@ def _search_block(
     prefix: str,
     keep: list[str],
     hints: dict,
-) -> tuple[list[ScaleRecord], list[ClipRecord], dict, dict[str, Rounded]]:
-    """Scale and clip search on an fp32 copy of one block (on the block's device), then the codes of
-    a rounding method that needs the Gram matrices (:mod:`awq_nb.rounding`). ``hints`` maps a
-    scaling group (prev, inspect) to its best alpha in the previous block; updated here."""
-    work = copy.deepcopy(block).float()
-    names = {id(m): n for n, m in block_linears(work).items()}
+    in_place: bool = False,
+) -> tuple[list[ScaleRecord], list[ClipRecord], dict, dict[str, Rounded], bool]:
+    """Scale and clip search of one block (on the block's device), then the codes of a rounding
+    method that needs the Gram matrices (:mod:`awq_nb.rounding`). ``hints`` maps a scaling group
+    (prev, inspect) to its best alpha in the previous block; updated here.
+
+    The search works on an fp32 copy of the block, or, with ``in_place`` and an fp32 block, on the
+    block itself, which then leaves with the scales folded and the clips applied (what
+    :func:`apply_block` would do, to the bit) and without a second copy of its weights in memory.
+    Returns the records, the per-Linear errors, the codes, and whether the block was changed.
+
+    Memory: the trace's Gram matrices are turned into those of the scaled input in place, once per
+    shared accumulator, after the scale search has used them; each Linear is then clipped,
+    rounded and measured in turn, holding one copy of its unclipped weight at a time."""
+    in_place = in_place and all(p.dtype == torch.float32 for p in block.parameters())
+    work = block if in_place else copy.deepcopy(block).float()
+    linears = block_linears(work)
+    names = {id(m): n for n, m in linears.items()}
+    todo = {n: m for n, m in linears.items() if not _kept(f"{prefix}.{n}", keep)}
+    errors: dict[str, dict[str, float]] = {}
+    for n, m in todo.items():  # plain RTN's error, on the weights as they are before AWQ
+        if n in tr.sigmas:
+            w0 = weight_nk(m)
+            rtn = pseudo_quantize(w0, config.w_bit, config.group_size, config.zero_point)
+            errors[f"{prefix}.{n}"] = {"rtn": gram_loss(rtn - w0, tr.sigmas[n]) / (tr.recorded_tokens[n] * w0.shape[0])}
     groups = resolve_groups(work, spec)
     # effective-weight bookkeeping for per-layer error: W' = diag(1/out) W diag(in)
     in_scale: dict[str, torch.Tensor] = {}
     out_scale: dict[str, torch.Tensor] = {}
-    original = block_linears(block)  # the search never changes ``block``: its weights are W before AWQ
     scale_recs = []
     searched = []
     for rg in groups:
         lnames = [names[id(m)] for m in rg.layers]
-        if any(_kept(f"{prefix}.{n}", keep) for n in lnames):
+        if any(n not in todo for n in lnames):
             continue
         x_mean = tr.stats[lnames[0]].mean_abs.to(weight_nk(rg.layers[0]).device)
-        weights = [weight_nk(m).float() for m in rg.layers]
+        weights = [weight_nk(m) for m in rg.layers]
         if len(rg.layers) == 1 and rg.inspect is rg.layers[0]:
             sigma = tr.sigmas[lnames[0]]
             w0 = weights[0]
@@ -191,6 +210,8 @@ def _search_block(
         scale_recs.append(ScaleRecord(idx, rg.group.prev, list(rg.group.layers), rg.group.inspect, alphas, losses, best_a, s,
                                       pruned))
         searched.append((rg, s))
+    tr.calls.clear()  # the replays are done: free the recorded activations before clipping
+    tr.targets.clear()
     for rg, s in searched:  # fold after all searches, as each group was searched on the unscaled block
         fold_scales(work, rg, s.to(weight_nk(rg.layers[0]).device), spec)
         for m in rg.layers:
@@ -207,53 +228,44 @@ def _search_block(
             full[rows] = full[rows] * s
             out_scale[pn] = full
 
-    clip_recs = []
-    if config.clip:
-        ratios = clip_ratio_grid(config.clip_grid, config.max_shrink)
-        for n, m in block_linears(work).items():
-            if n in spec.skip_clip or n not in tr.grams or _kept(f"{prefix}.{n}", keep):
-                continue
-            sig = tr.grams[n].float()  # [K, K] (clip_sweeps > 0) or its diagonal blocks [G, g, g]
-            if n in in_scale:
-                sig = unscaled_gram(sig, in_scale[n].to(sig.device))
-            w = weight_nk(m)
-            found = search_clip(w, sig, config.w_bit, config.group_size, config.zero_point, ratios, config.clip_chunk,
-                                asym=config.asym_clip, sweeps=config.clip_sweeps)
+    unscaled: set[int] = set()
+
+    def scaled_input(sig: torch.Tensor, n: str) -> torch.Tensor:
+        """``sig``, turned in place (once: accumulators are shared) into the Gram of the scaled input."""
+        if n in in_scale and id(sig) not in unscaled:
+            unscale_gram_(sig, in_scale[n].to(sig.device))
+            unscaled.add(id(sig))
+        return sig
+
+    clip_recs, rounded = [], {}
+    ratios = clip_ratio_grid(config.clip_grid, config.max_shrink)
+    needs_gram = get_rounder(config.rounding).needs_gram
+    for n, m in todo.items():
+        w = weight_nk(m)
+        sig = scaled_input(tr.sigmas[n], n) if n in tr.sigmas else None
+        unclipped = w.clone() if sig is not None else None
+        if config.clip and n not in spec.skip_clip and n in tr.grams:
+            found = search_clip(w, scaled_input(tr.grams[n], n), config.w_bit, config.group_size, config.zero_point,
+                                ratios, config.clip_chunk, asym=config.asym_clip, sweeps=config.clip_sweeps)
             apply_clip_(w, found.max_val, config.group_size, found.min_val)
             clip_recs.append(ClipRecord(idx, n, ratio_grid=ratios, **found._asdict()))
-
-    rounded = {}
-    if get_rounder(config.rounding).needs_gram:  # the trace kept every searched Linear's full X^T X
-        for n, m in block_linears(work).items():
-            if _kept(f"{prefix}.{n}", keep):
-                continue
-            sig = tr.grams[n].float()
-            if n in in_scale:
-                sig = unscaled_gram(sig, in_scale[n].to(sig.device))
-            r = round_weight(config.rounding, weight_nk(m), config.w_bit, config.group_size, config.zero_point, gram=sig)
+        q_rtn = pseudo_quantize(w, config.w_bit, config.group_size, config.zero_point) if sig is not None else None
+        if needs_gram:  # the trace kept this Linear's full X^T X over all tokens
+            r = round_weight(config.rounding, w, config.w_bit, config.group_size, config.zero_point,
+                             gram=scaled_input(tr.grams[n], n))
             rounded[f"{prefix}.{n}"] = r.to("cpu")
-
-    errors = {}
-    for n, m in block_linears(work).items():
-        if n not in tr.sigmas or _kept(f"{prefix}.{n}", keep):
+        if sig is None:
             continue
-        sig = tr.sigmas[n]
-        w0 = weight_nk(original[n]).float()  # no copy for an fp32 block
-        numel = tr.recorded_tokens[n] * w0.shape[0]
-        rtn = pseudo_quantize(w0, config.w_bit, config.group_size, config.zero_point)
-
-        def unscaled(q):  # the effective weight the unscaled input sees
-            if n in out_scale:
-                q = q * out_scale[n].to(q.device)[:, None]
-            return q / in_scale[n].to(q.device)[None, :] if n in in_scale else q
-
-        eff = unscaled(pseudo_quantize(weight_nk(m).float(), config.w_bit, config.group_size, config.zero_point))
-        errs = {"rtn": gram_loss(rtn - w0, sig) / numel, "awq": gram_loss(eff - w0, sig) / numel}
-        if f"{prefix}.{n}" in rounded:  # "awq": the final rounding; "awq_rtn": the same scales and clips, rounded to nearest
+        rows = out_scale[n].to(w.device)[:, None] if n in out_scale else 1.0
+        numel = tr.recorded_tokens[n] * w.shape[0]
+        # the output error of the effective weight, in the scaled input's terms: (Q(W') - W') / out
+        errs = errors[f"{prefix}.{n}"]
+        errs["awq"] = gram_loss((q_rtn - unclipped) * rows, sig) / numel
+        if needs_gram:  # "awq": the final rounding; "awq_rtn": the same scales and clips, rounded to nearest
             errs["awq_rtn"] = errs["awq"]
-            errs["awq"] = gram_loss(unscaled(rounded[f"{prefix}.{n}"].dequantize().to(w0.device)) - w0, sig) / numel
-        errors[f"{prefix}.{n}"] = errs
-    return scale_recs, clip_recs, errors, rounded
+            errs["awq"] = gram_loss((r.dequantize().to(w.device) - unclipped) * rows, sig) / numel
+        del unclipped, q_rtn
+    return scale_recs, clip_recs, errors, rounded, in_place
 
 
 def _resolve_calib(tokenizer, calib, n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -282,25 +294,33 @@ def search(
     n_samples: int = FULL.n_samples,
     seqlen: int = FULL.seqlen,
     seed: int = FULL.seed,
+    apply: bool = False,
 ) -> AWQResult:
-    """Run the AWQ scale and clipping searches; the model is left unchanged.
+    """Run the AWQ scale and clipping searches; the model is left unchanged unless ``apply``.
 
     ``calib``: token blocks ``LongTensor [n, T]`` or a text source (with ``tokenizer``, see
     :mod:`awq_nb.data`). ``device``: where each block is computed (default: the model's device).
+    ``apply=True``: the scales and clips are applied as each block is done (the model ends as
+    :func:`apply_awq` would leave it, to the bit), and an fp32 block is searched in place instead of
+    on a copy: one block's weights less in memory.
     """
     result = None
-    for result, _ in search_blocks(model, calib, config, progress, device, tokenizer, n_samples, seqlen, seed):
+    for result, _ in search_blocks(model, calib, config, progress, device, tokenizer, n_samples, seqlen, seed,
+                                   in_place=apply):
         pass
     return result
 
 
 def search_blocks(model: nn.Module, calib, config: AWQConfig, progress: Progress | None = None, device=None,
                   tokenizer=None, n_samples: int = FULL.n_samples, seqlen: int = FULL.seqlen, seed: int = FULL.seed,
-                  before_block: Callable[[int, nn.Module], None] | None = None):
+                  before_block: Callable[[int, nn.Module], None] | None = None, in_place: bool = False):
     """:func:`search`, one decoder block at a time: yields ``(result so far, i)`` after block ``i``
-    is searched and back on its own device, so a caller can apply, pack and free it before the next
-    one (the streaming path, awq_nb/streaming.py). ``before_block(i, block)`` runs before block ``i``
-    is touched (e.g. to read its weights from disk). The last ``result`` is :func:`search`'s."""
+    is searched and back on its own device, so a caller can pack and free it before the next one (the
+    streaming path, awq_nb/streaming.py). ``before_block(i, block)`` runs before block ``i`` is
+    touched (e.g. to read its weights from disk). The last ``result`` is :func:`search`'s.
+
+    ``in_place``: each block is yielded with its scales and clips applied (as by
+    :func:`apply_block`); an fp32 block is searched in place, without an fp32 copy of its weights."""
     t0 = time.perf_counter()
     spec = get_spec(model)
     keep = check_model(model, config)
@@ -336,11 +356,13 @@ def search_blocks(model: nn.Module, calib, config: AWQConfig, progress: Progress
             tr = trace_block(block, linears, inspect, hidden, args, kwargs, config.block_chunk, config.search_samples,
                              gram_for, config.group_size, full_gram=config.clip_sweeps > 0 or needs_gram)
             trim()  # the forward's temporaries, before the search allocates its own
-            scales, clips, errors, rounded = _search_block(i, block, spec, tr, config, prefix, keep, hints)
+            scales, clips, errors, rounded, changed = _search_block(i, block, spec, tr, config, prefix, keep, hints, in_place)
             result.scales += scales
             result.clips += clips
             result.layer_errors.update(errors)
             result.rounded.update(rounded)
+            if in_place and not changed:  # a block that is not fp32 was searched on a copy
+                apply_block(block, i, spec, result)
             result.saliency.update({f"{prefix}.{n}": st for n, st in tr.stats.items()})
             hidden = tr.output
             del tr
@@ -412,7 +434,7 @@ def quantize(
 ) -> AWQResult:
     """Search, apply and fake-quantize in one call; returns the search results for plots."""
     config = config or AWQConfig()
-    result = search(model, calib, config, progress=progress, device=device, tokenizer=tokenizer, n_samples=n_samples, seqlen=seqlen, seed=seed)
-    apply_awq(model, result)
+    result = search(model, calib, config, progress=progress, device=device, tokenizer=tokenizer, n_samples=n_samples,
+                    seqlen=seqlen, seed=seed, apply=True)
     fake_quantize(model, config, keep=result.config["modules_to_not_convert"], rounded=result.rounded)
     return result

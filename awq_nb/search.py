@@ -108,6 +108,14 @@ def unscaled_gram(sigma: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return sigma / (sg[:, :, None] * sg[:, None, :])
 
 
+def unscale_gram_(sigma: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """:func:`unscaled_gram` in place (no second ``[K, K]`` matrix); returns ``sigma``."""
+    if sigma.dim() == 2:
+        return sigma.div_(s[:, None]).div_(s[None, :])
+    sg = s.reshape(-1, sigma.shape[-1])
+    return sigma.div_(sg[:, :, None]).div_(sg[:, None, :])
+
+
 def gram_loss(d: torch.Tensor, sigma: torch.Tensor) -> float:
     """``tr(D Sigma D^T)`` for ``d [N, K]``: the summed squared output error of ``x @ d^T``."""
     return float(((d @ sigma) * d).sum())

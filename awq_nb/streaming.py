@@ -29,7 +29,7 @@ from .arch import get_blocks, get_spec
 from .checkpoint import (ShardWriter, _check_target, _open, _shards, _tensor_files, _units, output_dtype, parse_size,
                          remove_stale_partials)
 from .config import AWQConfig
-from .engine import _resolve_calib, apply_block, check_finite, search_blocks
+from .engine import _resolve_calib, check_finite, search_blocks
 from .errors import AwqNbError
 from .hub import is_hub_id, open_hub_model
 from .memory import trim
@@ -176,8 +176,7 @@ def quantize_streaming(path, out_dir, config: AWQConfig, calib=FULL.calib, n_sam
     result = None
     try:
         flush(-1)
-        for result, i in search_blocks(model, tokens, config, progress, device, before_block=before_block):
-            apply_block(blocks[i], i, spec, result)
+        for result, i in search_blocks(model, tokens, config, progress, device, before_block=before_block, in_place=True):
             codes.update(result.rounded)
             result.rounded.clear()
             flush(i)

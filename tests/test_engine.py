@@ -244,3 +244,21 @@ def test_search_that_fails_mid_loop_restores_the_model():
         awq_nb.search(model, _calib(), awq_nb.AWQConfig(group_size=32, n_grid=2), progress=progress)
     assert model.training  # the mode it came in with
     assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_search_with_apply_leaves_the_model_as_apply_awq_does(dtype):
+    # apply=True searches an fp32 block in place (no copy of its weights) and applies on the fly;
+    # a block in another dtype is searched on a copy and applied after: the same model either way.
+    model = tiny_model("llama", layers=3).to(dtype)
+    cfg = awq_nb.AWQConfig(group_size=32, n_grid=4, clip_grid=4)
+    applied = copy.deepcopy(model)
+    ref = awq_nb.search(model, _calib(), cfg, progress=lambda *a: None)
+    awq_nb.apply_awq(model, ref)
+    res = awq_nb.search(applied, _calib(), cfg, progress=lambda *a: None, apply=True)
+    for (k, v), (_, u) in zip(model.state_dict().items(), applied.state_dict().items()):
+        assert torch.equal(v, u), k
+    assert [r.best_alpha for r in res.scales] == [r.best_alpha for r in ref.scales]
+    assert res.layer_errors.keys() == ref.layer_errors.keys()
+    for name, e in res.layer_errors.items():
+        assert e == pytest.approx(ref.layer_errors[name], rel=1e-5), name
