@@ -243,7 +243,7 @@ def _search_block(
     for n, m in todo.items():
         w = weight_nk(m)
         sig = scaled_input(tr.sigmas[n], n) if n in tr.sigmas else None
-        unclipped = w.clone() if sig is not None else None
+        unclipped = w.clone() if sig is not None or needs_gram else None
         if config.clip and n not in spec.skip_clip and n in tr.grams:
             found = search_clip(w, scaled_input(tr.grams[n], n), config.w_bit, config.group_size, config.zero_point,
                                 ratios, config.clip_chunk, asym=config.asym_clip, sweeps=config.clip_sweeps)
@@ -252,7 +252,7 @@ def _search_block(
         q_rtn = pseudo_quantize(w, config.w_bit, config.group_size, config.zero_point) if sig is not None else None
         if needs_gram:  # the trace kept this Linear's full X^T X over all tokens
             r = round_weight(config.rounding, w, config.w_bit, config.group_size, config.zero_point,
-                             gram=scaled_input(tr.grams[n], n))
+                             gram=scaled_input(tr.grams[n], n), target=unclipped)
             rounded[f"{prefix}.{n}"] = r.to("cpu")
         if sig is None:
             continue

@@ -76,6 +76,21 @@ def test_gptq_matches_the_direct_greedy_pass_and_lowers_the_output_error():
     assert gptq < 0.8 * rtn, (gptq, rtn)
 
 
+def test_gptq_after_clipping_aims_at_the_unclipped_weight():
+    # The grid is the clipped weight's; the codes aim at the weight before clipping, so the error
+    # clipping adds is compensated like any rounding error.
+    w, x = _correlated()
+    h = x.T @ x
+    wc = w.clamp(-1.5, 1.5)
+    aimed = round_weight("gptq", wc, 3, 32, gram=h, target=w)
+    plain = round_weight("gptq", wc, 3, 32, gram=h)
+    scale, zero = quant_params(wc, 3, 32)
+    assert torch.equal(aimed.scale, scale) and torch.equal(aimed.zero, zero)
+    assert _output_error(x, w, aimed.dequantize()) < 0.95 * _output_error(x, w, plain.dequantize())
+    with pytest.raises(AwqNbError, match="differ in shape"):
+        round_weight("gptq", wc, 3, 32, gram=h, target=w[:, :64])
+
+
 def test_gptq_blocks_are_exact_and_uncorrelated_inputs_round_to_nearest():
     w, x = _correlated(k=96)
     h = x.T @ x

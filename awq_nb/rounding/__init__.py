@@ -116,10 +116,15 @@ def needs_gram(name: str) -> bool:
 
 @torch.no_grad()
 def round_weight(method: str, w: torch.Tensor, bits: int, group_size: int, zero_point: bool = True,
-                 gram: torch.Tensor | None = None) -> Rounded:
+                 gram: torch.Tensor | None = None, target: torch.Tensor | None = None) -> Rounded:
     """Round ``w [N, K]`` (scaled and clipped) with ``method`` on the grid of its own range
     (:func:`awq_nb.quantizer.quant_params`). ``gram``: ``X^T X [K, K]`` of the input ``w`` sees,
-    required by methods with ``needs_gram``."""
+    required by methods with ``needs_gram``.
+
+    ``target``: the weight the codes should reproduce, when it is not ``w`` itself. GPTQ after a
+    clip search is given the *unclipped* weight: the grid stays the clipped one, but the error that
+    clipping adds is then pushed onto later columns like any rounding error, instead of being taken
+    as part of the weight (measured in docs/rounding.md)."""
     rounder = get_rounder(method)
     if rounder.needs_gram:
         k = w.shape[1]
@@ -127,7 +132,10 @@ def round_weight(method: str, w: torch.Tensor, bits: int, group_size: int, zero_
             got = None if gram is None else tuple(gram.shape)
             raise AwqNbError(f"rounding={method!r} needs the input's Gram matrix [{k}, {k}], got {got}.")
     scale, zero = quant_params(w, bits, group_size, zero_point)
-    q = rounder.fn(w.float(), scale, zero, bits, group_size, gram if rounder.needs_gram else None)
+    aim = w if target is None else target
+    if aim.shape != w.shape:
+        raise AwqNbError(f"round_weight: target {tuple(aim.shape)} and weight {tuple(w.shape)} differ in shape.")
+    q = rounder.fn(aim.float(), scale, zero, bits, group_size, gram if rounder.needs_gram else None)
     return from_int_codes(q, scale, zero, bits, group_size, method)
 
 
