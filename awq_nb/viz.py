@@ -23,6 +23,7 @@ from .results import AWQResult, ChannelStats, ClipRecord, ScaleRecord
 from .saliency import SALIENT_FRACTION, n_salient, top_channels
 
 RTN_COLOR, AWQ_COLOR, FP_COLOR, SALIENT_COLOR = "#8c8c8c", "#1f77b4", "#2ca02c", "#d62728"
+ROUNDED_COLOR = "#9467bd"  # AWQ with a rounding other than nearest (e.g. GPTQ)
 MAX_LEGEND_ENTRIES = 12
 MAX_ANNOTATED_CELLS = 80  # write values into heatmap cells up to this many cells
 
@@ -262,8 +263,14 @@ def _block_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def plot_layer_errors(layer_errors: dict[str, dict[str, float]], ax=None):
-    """Output error of every quantized Linear on calibration tokens, RTN vs AWQ (log scale)."""
+def plot_layer_errors(layer_errors: dict[str, dict[str, float]], ax=None, rounding: str = "gptq"):
+    """Output error of every quantized Linear on calibration tokens, RTN vs AWQ (log scale).
+
+    ``layer_errors``: ``AWQResult.layer_errors``. When its entries also have ``"awq_rtn"`` (a
+    search with a rounding other than nearest), three series are drawn: RTN, AWQ rounded to
+    nearest (``"awq_rtn"``) and AWQ with the final rounding (``"awq"``), named ``rounding`` in the
+    legend; a Linear without ``"awq_rtn"`` is a gap in that series.
+    """
     if not layer_errors:
         raise AwqNbError("no per-layer errors to plot: AWQResult.layer_errors is empty.")
     names = list(layer_errors)
@@ -272,7 +279,14 @@ def plot_layer_errors(layer_errors: dict[str, dict[str, float]], ax=None):
     fig, ax = _axes(ax, figsize=(8.0, 3.6))
     x = np.arange(len(names))
     ax.plot(x, rtn, "o-", color=RTN_COLOR, markersize=3, linewidth=0.6, label="RTN", gid="data")
-    ax.plot(x, awq, "o-", color=AWQ_COLOR, markersize=3, linewidth=0.6, label="AWQ", gid="data")
+    nearest = None
+    if any("awq_rtn" in e for e in layer_errors.values()):
+        nearest = np.array([layer_errors[n].get("awq_rtn", np.nan) for n in names], dtype=float)
+        ax.plot(x, nearest, "o-", color=AWQ_COLOR, markersize=3, linewidth=0.6, label="AWQ + RTN rounding", gid="data")
+        ax.plot(x, awq, "o-", color=ROUNDED_COLOR, markersize=3, linewidth=0.6,
+                label=f"AWQ + {rounding.upper()} rounding", gid="data")
+    else:
+        ax.plot(x, awq, "o-", color=AWQ_COLOR, markersize=3, linewidth=0.6, label="AWQ", gid="data")
     ax.set_yscale("log")
     if len(names) <= 24:
         ax.set_xticks(x, [n.split(".", 2)[-1] if _block_of(n) is None else f"{_block_of(n)}.{short_name(n)}"
@@ -283,9 +297,13 @@ def plot_layer_errors(layer_errors: dict[str, dict[str, float]], ax=None):
         step = max(1, len(firsts) // 12)
         ax.set_xticks(firsts[::step], [str(blocks[i]) for i in firsts[::step]], fontsize=8)
     ax.legend(fontsize=8, frameon=False)
-    better = int((awq < rtn).sum())
-    _finish(ax, f"Output MSE per quantized Linear: AWQ below RTN on {better} of {len(names)}",
-            "Linear (by decoder block)" if len(names) > 24 else "Linear", "output MSE")
+    final = "AWQ" if nearest is None else f"AWQ + {rounding.upper()} rounding"
+    title = f"Output MSE per quantized Linear: {final} below RTN on {int((awq < rtn).sum())} of {len(names)}"
+    if nearest is not None:
+        both = np.isfinite(nearest)
+        title += (f"\n{rounding.upper()} rounding below rounding to nearest (same AWQ scales and clips) on "
+                  f"{int((awq[both] < nearest[both]).sum())} of {int(both.sum())}")
+    _finish(ax, title, "Linear (by decoder block)" if len(names) > 24 else "Linear", "output MSE")
     return fig
 
 
@@ -300,7 +318,11 @@ def plot_methods(rows: list[dict], ax=None):
     fig, ax = _axes(ax, figsize=(5.0, 3.4))
     def color(method: str) -> str:
         m = method.lower()
-        return FP_COLOR if m.startswith(("fp", "bf16", "float")) else AWQ_COLOR if "awq" in m else RTN_COLOR
+        if m.startswith(("fp", "bf16", "float")):
+            return FP_COLOR
+        if "awq+" in m:  # AWQ with another rounding, e.g. "awq+gptq"
+            return ROUNDED_COLOR
+        return AWQ_COLOR if "awq" in m else RTN_COLOR
 
     colors = [color(r["method"]) for r in rows]
     bars = ax.bar([r["method"] for r in rows], [r["perplexity"] for r in rows], color=colors, gid="data")

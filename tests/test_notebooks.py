@@ -2,7 +2,7 @@
 
 Each notebook executes once, in a fresh kernel started from this interpreter, with
 ``AWQ_NB_FAST=1`` (bundled offline model, small budget; see awq_nb/nb.py) and checkpoints written
-under pytest's tmp_path. Notebooks 01-06 must draw at least one figure (an image/png output).
+under pytest's tmp_path. Every notebook but 00 must draw at least one figure (an image/png output).
 The kernel gets one intra-op thread unless OMP_NUM_THREADS is set: on the shared 2-core box two
 threads contend with other jobs and run 4-8x slower (measured; see notebooks/README.md).
 

@@ -174,6 +174,24 @@ def test_layer_errors():
     assert ticks[:2] == ["0", "1"]
 
 
+def test_layer_errors_with_a_rounding_other_than_nearest():
+    errs = _layer_errors()
+    for i, e in enumerate(errs.values()):  # "awq" is now the GPTQ-rounded error, "awq_rtn" the same AWQ rounded to nearest
+        e["awq_rtn"], e["awq"] = e["awq"], e["awq"] * (0.8 if i % 3 else 1.1)
+    ax = viz.plot_layer_errors(errs, rounding="gptq").axes[0]
+    rtn, nearest, gptq = _gid(ax, "data")
+    np.testing.assert_allclose(rtn.get_ydata(), [v["rtn"] for v in errs.values()])
+    np.testing.assert_allclose(nearest.get_ydata(), [v["awq_rtn"] for v in errs.values()])
+    np.testing.assert_allclose(gptq.get_ydata(), [v["awq"] for v in errs.values()])
+    assert [l.get_label() for l in (rtn, nearest, gptq)] == ["RTN", "AWQ + RTN rounding", "AWQ + GPTQ rounding"]
+    assert to_rgb(gptq.get_color()) == to_rgb(viz.ROUNDED_COLOR) != to_rgb(nearest.get_color())
+    assert "GPTQ rounding below rounding to nearest (same AWQ scales and clips) on 14 of 21" in ax.get_title(loc="left")
+    del errs["model.layers.0.mlp.up_proj"]["awq_rtn"]  # a Linear without the series is a gap in it
+    (_, nearest, _) = _gid(viz.plot_layer_errors(errs).axes[0], "data")
+    assert np.isnan(nearest.get_ydata()).sum() == 1
+    assert len(_gid(viz.plot_layer_errors(_layer_errors()).axes[0], "data")) == 2  # without "awq_rtn": two lines
+
+
 def test_methods_bars_and_sizes():
     rows = [{"method": "FP16", "perplexity": 12.3, "size_bytes": 270 * 2**20},
             {"method": "RTN w4g64", "perplexity": 15.1, "size_bytes": 90 * 2**20},
@@ -182,6 +200,8 @@ def test_methods_bars_and_sizes():
     assert [p.get_height() for p in ax.patches] == [12.3, 15.1, 13.4]
     assert [t.get_text() for t in ax.texts] == ["270 MB", "90 MB", "90 MB"]
     assert [p.get_facecolor()[:3] for p in ax.patches] == [to_rgb(viz.FP_COLOR), to_rgb(viz.RTN_COLOR), to_rgb(viz.AWQ_COLOR)]
+    ax = viz.plot_methods([{"method": "awq", "perplexity": 13.4}, {"method": "awq+gptq", "perplexity": 13.1}]).axes[0]
+    assert [p.get_facecolor()[:3] for p in ax.patches] == [to_rgb(viz.AWQ_COLOR), to_rgb(viz.ROUNDED_COLOR)]
     ax = viz.plot_methods([{"method": "RTN + 1% salient in fp16", "perplexity": 14.0}]).axes[0]
     assert ax.patches[0].get_facecolor()[:3] == to_rgb(viz.RTN_COLOR) and not ax.texts
 
