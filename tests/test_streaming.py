@@ -66,7 +66,8 @@ def test_streaming_holds_one_block(tmp_path, monkeypatch):
     assert seen == [0, 0, 0, 0, 0, 0]
 
 
-def test_cli_streaming_writes_the_same_checkpoint(tmp_path):
+@pytest.mark.parametrize("rounding", ["rtn", "gptq"])
+def test_cli_streaming_writes_the_same_checkpoint(tmp_path, rounding):
     # quantize --streaming on and off on the same folder: the same files, byte for byte, and the
     # summary says which path ran and what memory it took.
     import json
@@ -80,7 +81,7 @@ def test_cli_streaming_writes_the_same_checkpoint(tmp_path):
         out = tmp_path / f"q-{mode}"
         p = subprocess.run([sys.executable, "-m", "awq_nb", "quantize", str(folder), "--out", str(out), "--group-size", "32",
                             "--calib", str(_calib_file(tmp_path)), "--n-samples", "4", "--seqlen", "32", "--n-grid", "4",
-                            "--clip-grid", "4", "--streaming", mode, "--save-search", "no"],
+                            "--clip-grid", "4", "--streaming", mode, "--save-search", "no", "--rounding", rounding],
                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
         assert p.returncode == 0, p.stderr[-3000:]
         summary = json.loads(p.stdout.strip().splitlines()[-1])
