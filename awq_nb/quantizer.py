@@ -105,6 +105,18 @@ def pseudo_quantize(w: torch.Tensor, bits: int, group_size: int, zero_point: boo
     knows them exactly (the clipping search does), to skip the pass that finds them. Symmetric
     quantization uses only the larger magnitude of the two.
     """
+    return _pseudo_quantize(w, bits, group_size, zero_point, extremes, inplace=False)
+
+
+def pseudo_quantize_(w: torch.Tensor, bits: int, group_size: int, zero_point: bool = True) -> torch.Tensor:
+    """:func:`pseudo_quantize` in place on a contiguous fp32 ``w [N, K]`` (same values, no temporary
+    the size of ``w``); returns ``w``."""
+    if w.dtype != torch.float32 or not w.is_contiguous():
+        raise AwqNbError(f"pseudo_quantize_ needs a contiguous fp32 weight, got {w.dtype}")
+    return _pseudo_quantize(w, bits, group_size, zero_point, None, inplace=True)
+
+
+def _pseudo_quantize(w, bits, group_size, zero_point, extremes, inplace: bool) -> torch.Tensor:
     check_bits(bits)
     n, k = w.shape
     g = _grouped(w, group_size).float()
@@ -116,11 +128,12 @@ def pseudo_quantize(w: torch.Tensor, bits: int, group_size: int, zero_point: boo
             wmin, wmax = torch.aminmax(g, dim=1, keepdim=True)
         scale = (wmax - wmin).clamp_(min=SCALE_EPS).div_(max_int)
         zero = torch.round(wmin.neg_().div_(scale)).clamp_(0, max_int)
-        q = torch.round(g / scale).add_(zero).clamp_(0, max_int)
-        out = q.sub_(zero).mul_(scale)
+        q = g.div_(scale).round_() if inplace else torch.round(g / scale)
+        out = q.add_(zero).clamp_(0, max_int).sub_(zero).mul_(scale)
     else:
         lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         absmax = g.abs().amax(dim=1, keepdim=True) if extremes is None else torch.maximum(wmin.abs_(), wmax.abs())
         scale = absmax.clamp_(min=SCALE_EPS).div_(hi)
-        out = torch.round(g / scale).clamp_(lo, hi).mul_(scale)
+        q = g.div_(scale).round_() if inplace else torch.round(g / scale)
+        out = q.clamp_(lo, hi).mul_(scale)
     return out.reshape(n, k).to(w.dtype)

@@ -40,7 +40,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .errors import AwqNbError
-from .quantizer import pseudo_quantize
+from .quantizer import pseudo_quantize, pseudo_quantize_
 
 
 def alpha_grid(n_grid: int) -> list[float]:
@@ -73,7 +73,7 @@ def candidate_scales(x_mean: torch.Tensor, alpha: float, w_mean: torch.Tensor | 
 
 def scaled_quantized(w: torch.Tensor, s: torch.Tensor, bits: int, group_size: int, zero_point: bool) -> torch.Tensor:
     """``Q(W * s) / s`` for ``w [N, K]`` in fp32: the effective weight seen by the unscaled input."""
-    return pseudo_quantize(w.float() * s, bits, group_size, zero_point) / s
+    return pseudo_quantize_(w.float() * s, bits, group_size, zero_point).div_(s)
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:

@@ -66,3 +66,16 @@ def test_bad_bits_and_group_sizes():
         AWQConfig(clip_sweeps=-1)
     with pytest.raises(AwqNbError, match=r"in_features=96 is not a multiple of group_size=64.*\[32\]"):
         pseudo_quantize(torch.randn(2, 96), 4, 64)
+
+
+@pytest.mark.parametrize("bits,group_size,zero_point", [(4, 32, True), (3, 64, True), (4, -1, True), (4, 32, False)])
+def test_in_place_pseudo_quantize_gives_the_same_bits(bits, group_size, zero_point):
+    from awq_nb.quantizer import pseudo_quantize_
+
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(3)) * torch.linspace(0.1, 4, 128)
+    expected = pseudo_quantize(w, bits, group_size, zero_point)
+    got = w.clone()
+    assert pseudo_quantize_(got, bits, group_size, zero_point).data_ptr() == got.data_ptr()
+    assert torch.equal(got, expected)
+    with pytest.raises(AwqNbError, match="contiguous fp32"):
+        pseudo_quantize_(w.half(), bits, group_size, zero_point)
