@@ -53,34 +53,35 @@ def inverse_factor(gram: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
 def round_weight(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group_size: int,
                  gram: torch.Tensor, damp: float = DAMP, block: int = BLOCK) -> torch.Tensor:
     """Codes int32 ``[N, K]`` of ``w`` on the fixed grid ``scale``/``zero [N, K/g]`` by GPTQ's
-    column pass with error feedback through ``gram = X^T X [K, K]`` (module docstring)."""
+    column pass with error feedback through ``gram = X^T X [K, K]`` (module docstring).
+
+    Works on ``W^T`` so that each column of ``W`` is a contiguous row: the per-column steps are
+    a handful of vector ops and one in-place rank-1 update (``addr_``)."""
     n, k = w.shape
     g = k if group_size == -1 else group_size
-    w = w.float().clone()
+    wt = w.float().t().contiguous()  # [K, N]: row c is column c of W
     u = inverse_factor(gram.to(w.device), damp)
-    # each column's grid: its group's scale and zero, expanded once
-    s_col = scale.float().repeat_interleave(g, dim=1)
+    # each column's grid (its group's scale and zero), as rows
+    s_rows = scale.float().t().repeat_interleave(g, dim=0).contiguous()
     if zero is not None:
-        z_col = zero.float().repeat_interleave(g, dim=1)
+        z_rows = zero.float().t().repeat_interleave(g, dim=0).contiguous()
         lo, hi = 0, 2**bits - 1
     else:
-        z_col = torch.zeros_like(s_col)
+        z_rows = torch.zeros_like(s_rows)
         lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    q = torch.empty(n, k, dtype=torch.int32, device=w.device)
+    q = torch.empty(k, n, dtype=torch.int32, device=w.device)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        wb = w[:, i1:i2]  # a view: updated in place
         ub = u[i1:i2, i1:i2]
-        err = torch.empty(n, i2 - i1, device=w.device)
+        err = torch.empty(i2 - i1, n, device=w.device)
         for j in range(i2 - i1):
             c = i1 + j
-            col = wb[:, j]
-            qc = torch.round(col / s_col[:, c]).add_(z_col[:, c]).clamp_(lo, hi)
-            q[:, c] = qc.to(torch.int32)
-            e = (col - (qc - z_col[:, c]) * s_col[:, c]).div_(ub[j, j])
-            err[:, j] = e
-            if j + 1 < i2 - i1:
-                wb[:, j + 1:].sub_(e[:, None] * ub[j, j + 1:][None, :])
+            row = wt[c]
+            qc = torch.round(row / s_rows[c]).add_(z_rows[c]).clamp_(lo, hi)
+            q[c] = qc
+            e = torch.sub(row, qc.sub_(z_rows[c]).mul_(s_rows[c]), out=err[j]).div_(ub[j, j])
+            if c + 1 < i2:
+                wt[c + 1:i2].addr_(ub[j, j + 1:], e, alpha=-1)
         if i2 < k:
-            w[:, i2:].sub_(err @ u[i1:i2, i2:])
-    return q
+            wt[i2:].addmm_(u[i1:i2, i2:].t(), err, alpha=-1)
+    return q.t().contiguous()
