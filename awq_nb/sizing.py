@@ -51,7 +51,11 @@ class Costs:
     # 3.5 x the 180 MB fp32 block. Checked against runs it was not fitted to (tests/test_sizing.py):
     # the in-memory run of the same command (7.19 GB), SmolLM2-135M at 128 x 512 (1.438 GB,
     # 2026-11-30) and the same model cut to 4 layers, streamed (2.14 GB, 2026-12-01, docs/colab.md).
-    # Lower it here when the streaming path's per-block memory is cut.
+    # Lower it here when the streaming path's per-block memory is cut. It has been: the same
+    # streaming command peaked at 1.71 GB at b58c9ba (2026-12-01, docs/big-models.md: shards spill to
+    # disk, fp32 blocks searched in place, Gram accumulators shared), so the streaming figures are
+    # now ~0.9 GB high on that model (conservative); refit this and the sums together once the
+    # in-memory runs are measured again at the same commit.
     temp_factor: float = 3.5
     # CPU search time per weight of a decoder block at the default budget (128 x 512 calibration
     # tokens, 16 replayed sequences, default grids): SmolLM2-135M w4g64, 701.1 s for 30 blocks of
