@@ -112,7 +112,8 @@ def pseudo_quantize_(w: torch.Tensor, bits: int, group_size: int, zero_point: bo
     """:func:`pseudo_quantize` in place on a contiguous fp32 ``w [N, K]`` (same values, no temporary
     the size of ``w``); returns ``w``."""
     if w.dtype != torch.float32 or not w.is_contiguous():
-        raise AwqNbError(f"pseudo_quantize_ needs a contiguous fp32 weight, got {w.dtype}")
+        raise AwqNbError(f"pseudo_quantize_ needs a contiguous fp32 weight, got {w.dtype}"
+                         f"{'' if w.is_contiguous() else ' (not contiguous)'}: use pseudo_quantize.")
     return _pseudo_quantize(w, bits, group_size, zero_point, None, inplace=True)
 
 

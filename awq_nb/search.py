@@ -73,7 +73,8 @@ def candidate_scales(x_mean: torch.Tensor, alpha: float, w_mean: torch.Tensor | 
 
 def scaled_quantized(w: torch.Tensor, s: torch.Tensor, bits: int, group_size: int, zero_point: bool) -> torch.Tensor:
     """``Q(W * s) / s`` for ``w [N, K]`` in fp32: the effective weight seen by the unscaled input."""
-    return pseudo_quantize_(w.float() * s, bits, group_size, zero_point).div_(s)
+    ws = (w.float() * s).contiguous()  # a transposed Conv1D weight gives a transposed product
+    return pseudo_quantize_(ws, bits, group_size, zero_point).div_(s)
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
