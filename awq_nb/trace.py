@@ -76,8 +76,10 @@ def trace_block(
         acc = store.get(name)
         if acc is None:  # the first chunk: share the accumulator another Linear of this input opened
             acc = cached.get(key)
-            if acc is None:
-                acc = cached[key] = gram(cached["xf"])
+            if acc is None:  # X^T X of this chunk is computed once; a second store opening on it copies it
+                acc = cached["xtx"].clone() if "xtx" in cached else gram(cached["xf"])
+                cached.setdefault("xtx", acc)
+                cached[key] = acc
             store[name] = acc
         elif cached.get(key) is not acc:
             acc.addmm_(cached["xf"].T, cached["xf"])
