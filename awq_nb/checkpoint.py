@@ -155,7 +155,7 @@ def _pack_module(m: nn.Module, name: str, config: AWQConfig, dtype: torch.dtype,
     if w.device.type == "meta":
         raise AwqNbError(f"{name}.weight is on the meta device (offloaded?); load the model fully before saving.")
     r = codes_for(name, w, config, rounded)
-    packed = pack_codes(r.int_codes(), r.scale, r.zero, config.group_size)
+    packed = pack_codes(r.codes if r.zero is not None else r.int_codes(), r.scale, r.zero, config.group_size)
     out = {f"{name}.{s}": t.cpu() for s, t in zip(QUANT_SUFFIXES, packed)}
     if getattr(m, "bias", None) is not None:
         out[f"{name}.bias"] = m.bias.detach().to("cpu", dtype)

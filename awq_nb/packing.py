@@ -99,7 +99,7 @@ def pack_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_s
             f"pack_codes: some scales are 0 or overflow fp16 (|s| > {FP16_MAX:.0f}) once rounded to fp16; "
             "the weights of this layer are out of the range the AWQ format can store."
         )
-    qweight = pack_awq(q.t().contiguous().to(torch.int32))
+    qweight = pack_awq(q.t().contiguous())  # any integer dtype: uint8 codes stay 1 byte until packed
     qzeros = pack_awq(zero.t().contiguous().to(torch.int32))
     return AWQTensors(qweight, qzeros, scales16.t().contiguous())
 

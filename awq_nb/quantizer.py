@@ -129,12 +129,12 @@ def _pseudo_quantize(w, bits, group_size, zero_point, extremes, inplace: bool) -
             wmin, wmax = torch.aminmax(g, dim=1, keepdim=True)
         scale = (wmax - wmin).clamp_(min=SCALE_EPS).div_(max_int)
         zero = torch.round(wmin.neg_().div_(scale)).clamp_(0, max_int)
-        q = g.div_(scale).round_() if inplace else torch.round(g / scale)
+        q = g.div_(scale).round_() if inplace else torch.div(g, scale).round_()
         out = q.add_(zero).clamp_(0, max_int).sub_(zero).mul_(scale)
     else:
         lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         absmax = g.abs().amax(dim=1, keepdim=True) if extremes is None else torch.maximum(wmin.abs_(), wmax.abs())
         scale = absmax.clamp_(min=SCALE_EPS).div_(hi)
-        q = g.div_(scale).round_() if inplace else torch.round(g / scale)
+        q = g.div_(scale).round_() if inplace else torch.div(g, scale).round_()
         out = q.clamp_(lo, hi).mul_(scale)
     return out.reshape(n, k).to(w.dtype)

@@ -53,13 +53,21 @@ def clip_ratio_grid(clip_grid: int, max_shrink: float) -> list[float]:
     return [1.0 - i / clip_grid for i in range(int(max_shrink * clip_grid))] or [1.0]
 
 
-def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
-    """Mean over output rows of |w| normalised by each group's max |w|: fp32 ``[K]`` (duo scaling)."""
-    w = torch.cat([x.float() for x in weights], 0)
-    n, k = w.shape
-    g = w.reshape(-1, group_size if group_size > 0 else k)
-    g = g.abs() / g.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
-    return g.reshape(n, k).mean(0)
+def weight_mean(weights: list[torch.Tensor], group_size: int, chunk: int = 1024) -> torch.Tensor:
+    """Mean over output rows of |w| normalised by each group's max |w|: fp32 ``[K]`` (duo scaling).
+
+    ``chunk`` output rows at a time, so the temporaries stay small beside the weights (an MLP's
+    gate and up weights of a 7B model are 0.36 GB in fp32)."""
+    k = weights[0].shape[1]
+    total, rows = torch.zeros(k, dtype=torch.float32, device=weights[0].device), 0
+    for w in weights:
+        for r in range(0, w.shape[0], chunk):
+            part = w[r : r + chunk].float().abs()
+            g = part.reshape(-1, group_size if group_size > 0 else k)
+            g.div_(g.amax(dim=1, keepdim=True).clamp_(min=1e-12))
+            total += part.sum(0)
+        rows += w.shape[0]
+    return total / rows
 
 
 def candidate_scales(x_mean: torch.Tensor, alpha: float, w_mean: torch.Tensor | None = None) -> torch.Tensor:
@@ -83,6 +91,50 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return x2.T @ x2
 
 
+class RowGram:
+    """A Gram matrix ``X^T X`` held as its rows ``X [T, K]`` (fp32).
+
+    With fewer tokens than input channels (``T < K``: a small calibration budget on a wide
+    model) the rows take less memory than the ``[K, K]`` matrix and are cheaper to apply:
+    ``D X^T X`` is two products of ``T K N`` flops instead of one of ``K^2 N``. The searches and
+    the per-layer errors take either form through the functions below (:func:`gram_loss`,
+    :func:`gram_blocks`, :func:`gram_rows`, :func:`unscale_gram_`, :func:`as_dense`), and
+    ``d @ g`` and ``g[rows, cols]`` work as on a matrix. The trace chooses the form
+    (awq_nb/trace.py)."""
+
+    def __init__(self, x: torch.Tensor):
+        if x.dim() != 2:
+            raise AwqNbError(f"RowGram takes the rows X [T, K], got shape {tuple(x.shape)}.")
+        self.x = x
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.x.shape[1], self.x.shape[1]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def dim(self) -> int:
+        return 2
+
+    def to(self, device=None, dtype=None) -> "RowGram":
+        x = self.x.to(device=device, dtype=dtype)
+        return self if x is self.x else RowGram(x)
+
+    def __rmatmul__(self, d: torch.Tensor) -> torch.Tensor:  # d @ X^T X
+        return (d @ self.x.T) @ self.x
+
+    def __getitem__(self, idx) -> torch.Tensor:  # a dense block X[:, rows]^T X[:, cols]
+        rows, cols = idx
+        return self.x[:, rows].T @ self.x[:, cols]
+
+
+def as_dense(sigma) -> torch.Tensor:
+    """``sigma`` as a ``[K, K]`` tensor (a :class:`RowGram` is multiplied out; a tensor is returned as is)."""
+    return sigma.x.T @ sigma.x if isinstance(sigma, RowGram) else sigma
+
+
 def gram_diag_blocks(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """Diagonal ``g x g`` blocks of ``X^T X``: fp32 ``[K/g, g, g]`` (per-channel: ``[1, K, K]``)."""
     x2 = x.reshape(-1, x.shape[-1]).float()
@@ -92,34 +144,61 @@ def gram_diag_blocks(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return xg.transpose(1, 2) @ xg
 
 
-def gram_blocks(sigma: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The diagonal ``g x g`` blocks of a ``[K, K]`` Gram matrix: ``[K/g, g, g]``."""
+def gram_blocks(sigma, group_size: int) -> torch.Tensor:
+    """The diagonal ``g x g`` blocks of a ``[K, K]`` Gram matrix (or a :class:`RowGram`): ``[K/g, g, g]``."""
+    if isinstance(sigma, RowGram):
+        return gram_diag_blocks(sigma.x, group_size)
     k = sigma.shape[0]
     g = group_size if group_size > 0 else k
     n = k // g
     return sigma.reshape(n, g, n, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
 
 
-def unscaled_gram(sigma: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def gram_rows(d: torch.Tensor, sigma, cols: slice) -> torch.Tensor:
+    """``d @ sigma[cols, :]`` for ``d [c, len(cols)]``, without forming the rows of a :class:`RowGram`."""
+    if isinstance(sigma, RowGram):
+        return (d @ sigma.x[:, cols].T) @ sigma.x
+    return d @ sigma[cols, :]
+
+
+def unscaled_gram(sigma, s: torch.Tensor):
     """The Gram matrix of ``x / s`` (the input a weight scaled by ``s`` sees) from that of ``x``:
-    full ``[K, K]`` or diagonal blocks ``[G, g, g]``."""
+    full ``[K, K]``, a :class:`RowGram`, or diagonal blocks ``[G, g, g]``."""
+    if isinstance(sigma, RowGram):
+        return RowGram(sigma.x / s)
     if sigma.dim() == 2:
         return sigma / (s[:, None] * s[None, :])
     sg = s.reshape(-1, sigma.shape[-1])
     return sigma / (sg[:, :, None] * sg[:, None, :])
 
 
-def unscale_gram_(sigma: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def unscale_gram_(sigma, s: torch.Tensor):
     """:func:`unscaled_gram` in place (no second ``[K, K]`` matrix); returns ``sigma``."""
+    if isinstance(sigma, RowGram):
+        sigma.x.div_(s)
+        return sigma
     if sigma.dim() == 2:
         return sigma.div_(s[:, None]).div_(s[None, :])
     sg = s.reshape(-1, sigma.shape[-1])
     return sigma.div_(sg[:, :, None]).div_(sg[:, None, :])
 
 
-def gram_loss(d: torch.Tensor, sigma: torch.Tensor) -> float:
-    """``tr(D Sigma D^T)`` for ``d [N, K]``: the summed squared output error of ``x @ d^T``."""
-    return float(((d @ sigma) * d).sum())
+LOSS_ROWS = 1024  # output rows per product in gram_loss: bounds its temporary to LOSS_ROWS x max(K, T)
+
+
+def gram_loss(d: torch.Tensor, sigma) -> float:
+    """``tr(D Sigma D^T)`` for ``d [N, K]``: the summed squared output error of ``x @ d^T``.
+
+    ``sigma``: ``[K, K]`` or a :class:`RowGram` (then ``||D X^T||^2``). Summed over chunks of
+    :data:`LOSS_ROWS` rows, so a large weight needs no second weight-sized temporary."""
+    total = 0.0
+    for r in range(0, d.shape[0], LOSS_ROWS):
+        dc = d[r : r + LOSS_ROWS]
+        if isinstance(sigma, RowGram):
+            total += float((dc @ sigma.x.T).square_().sum())
+        else:
+            total += float(((dc @ sigma) * dc).sum())
+    return total
 
 
 def search_scales(
@@ -293,7 +372,7 @@ def _refine_cross(deltas: torch.Tensor, errs: torch.Tensor, best: torch.Tensor, 
             changed = True
             pick = torch.where(better, pick, cur)
             new = deltas[pick, gi, rows]
-            v += ((new - dg) @ sigma[cols, :]).reshape(c, n_groups, g).transpose(0, 1)
+            v += gram_rows(new - dg, sigma, cols).reshape(c, n_groups, g).transpose(0, 1)
             d[gi] = new
             best[gi] = pick
         if not changed:
@@ -311,5 +390,10 @@ def apply_clip_(w: torch.Tensor, max_val: torch.Tensor, group_size: int, min_val
     g = group_size if group_size > 0 else k
     hi = max_val.to(w.device, torch.float32).unsqueeze(-1)
     lo = -hi if min_val is None else min_val.to(w.device, torch.float32).unsqueeze(-1)
+    if w.dtype == torch.float32 and w.is_contiguous():  # in place: no weight-sized temporary
+        wv = w.view(n, k // g, g)
+        torch.maximum(wv, lo, out=wv)
+        torch.minimum(wv, hi, out=wv)
+        return
     clamped = torch.minimum(torch.maximum(w.float().reshape(n, k // g, g), lo), hi)
     w.copy_(clamped.reshape(n, k).to(w.dtype))

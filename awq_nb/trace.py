@@ -3,9 +3,13 @@
 Per Linear: mean |x| and max |x| per input channel (saliency, over all tokens) and, for the
 Linears whose clipping is searched, the Gram matrix ``X^T X`` over all tokens (``full_gram``) or
 only its diagonal ``g x g`` blocks. For the first ``record_n`` sequences: each Linear's full Gram matrix (the single-Linear
-scale search and the per-layer error report need nothing else of its input, and a ``[K, K]``
-matrix is far smaller than ``record_n x T`` rows of ``K``) and each inspected module's call
-arguments and output, replayed later by the scale search.
+scale search and the per-layer error report need nothing else of its input) and each inspected
+module's call arguments and output, replayed later by the scale search.
+
+A full Gram matrix is kept in whichever form is smaller: summed into a ``[K, K]`` matrix, or,
+when the block sees fewer tokens than the Linear has input channels (a small calibration budget
+on a wide model), as the input rows themselves (:class:`awq_nb.search.RowGram`, ``[T, K]``). For
+a 2048/5632-wide block and 512 tokens that is 24 MB of rows instead of 177 MB of matrices.
 """
 from __future__ import annotations
 
@@ -17,14 +21,14 @@ from torch import nn
 from .capture import first_tensor, map_tensors
 from .errors import AwqNbError
 from .results import ChannelStats
-from .search import gram, gram_diag_blocks
+from .search import RowGram, gram, gram_diag_blocks
 
 
 @dataclass
 class BlockTrace:
     stats: dict[str, ChannelStats] = field(default_factory=dict)
-    grams: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [K, K] (full_gram) or [G, g, g]
-    sigmas: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> X^T X [K, K] over the recorded sequences
+    grams: dict[str, torch.Tensor | RowGram] = field(default_factory=dict)  # name -> [K, K] or RowGram (full_gram), or [G, g, g]
+    sigmas: dict[str, torch.Tensor | RowGram] = field(default_factory=dict)  # name -> X^T X over the recorded sequences
     recorded_tokens: dict[str, int] = field(default_factory=dict)  # name -> rows of X in its sigma
     calls: dict[str, list[tuple[tuple, dict]]] = field(default_factory=dict)  # inspect name -> (args, kwargs)
     # inspect name -> (output, its _version when recorded) per recorded call
@@ -54,7 +58,9 @@ def trace_block(
     Memory: Linears that read one input (q/k/v, gate/up) share one Gram accumulator, summed into
     in place (``addmm_``, no per-chunk copy); when every sequence is recorded the full ``grams`` and
     the ``sigmas`` are the same sums, so they are the same tensors. A block's largest Gram matrix
-    (the down projection's ``[I, I]``) is then held once, not four times."""
+    (the down projection's ``[I, I]``) is then held once, not four times. An input wider than the
+    number of tokens keeps its rows instead (module docstring): one ``[T, K]`` copy per input,
+    the recorded sequences first, so a Linear's ``sigmas`` entry is a view of the first rows."""
     tr = BlockTrace()
     hidden_storage = hidden.untyped_storage().data_ptr()
 
@@ -70,6 +76,21 @@ def trace_block(
 
     n_seq = hidden.shape[0]
     one_sum = full_gram and record_n >= n_seq  # grams and sigmas sum X^T X over the same tokens
+    tokens = hidden.shape[0] * hidden.shape[1]
+    rows: dict[str, list[torch.Tensor]] = {}  # name -> its input's rows, chunk by chunk (shared per input)
+
+    def add_rows(name: str, cached: dict) -> None:
+        """Keep this chunk's input rows for ``name``: once per input, however many Linears read it."""
+        acc = rows.get(name)
+        if acc is None:
+            acc = cached.setdefault("rows", [])
+            rows[name] = acc
+        if cached.get("rows") is not acc:
+            cached["rows"] = acc
+        if cached.get("rows_added") is not acc:
+            xf = cached["xf"]
+            acc.append(xf.clone() if xf.data_ptr() == cached["x"].data_ptr() else xf)  # the block may edit x later
+            cached["rows_added"] = acc
 
     def add_gram(store: dict, name: str, cached: dict, key: str) -> None:
         """Add this chunk's ``X^T X`` into ``store[name]``: once per input, however many Linears read it."""
@@ -99,15 +120,20 @@ def trace_block(
             sums[name] = sums.get(name, 0) + cached["sum"]
             maxs[name] = torch.maximum(maxs[name], cached["max"]) if name in maxs else cached["max"]
             counts[name] = counts.get(name, 0) + cached["n"]
+            as_rows = tokens < x.shape[-1]
             if name in gram_for:
-                if full_gram:
+                if full_gram and as_rows:
+                    add_rows(name, cached)
+                elif full_gram:
                     add_gram(tr.grams, name, cached, "gram")
                 else:
                     if "blocks" not in cached:
                         cached["blocks"] = gram_diag_blocks(cached["xf"], group_size)
                     tr.grams[name] = tr.grams[name] + cached["blocks"] if name in tr.grams else cached["blocks"]
             if recording["on"]:
-                if one_sum and name in gram_for:
+                if as_rows:
+                    add_rows(name, cached)
+                elif one_sum and name in gram_for:
                     tr.sigmas[name] = tr.grams[name]
                 else:
                     add_gram(tr.sigmas, name, cached, "sigma")
@@ -152,6 +178,20 @@ def trace_block(
             h.remove()
         per_call_cache.clear()
     tr.output = hidden
+    joined: dict[tuple[int, int], RowGram] = {}  # one RowGram per input and length, shared like the accumulators
+    for name, acc in rows.items():
+        g = joined.get((id(acc), -1))
+        if g is None:
+            g = joined[(id(acc), -1)] = RowGram(torch.cat(acc) if len(acc) > 1 else acc[0])
+            acc.clear()
+        if full_gram and name in gram_for:
+            tr.grams[name] = g
+        if name in tr.recorded_tokens:
+            t = tr.recorded_tokens[name]
+            if t == g.x.shape[0]:
+                tr.sigmas[name] = g
+            else:  # the recorded sequences came first: a view of the first rows
+                tr.sigmas[name] = joined.setdefault((id(acc), t), RowGram(g.x[:t]))
     tr.stats = {
         name: ChannelStats(mean_abs=(sums[name] / counts[name]).cpu(), max_abs=maxs[name].cpu(), tokens=counts[name])
         for name in sums

@@ -41,6 +41,9 @@ def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
     return ((packed.unsqueeze(-1) >> shifts) & 0xF).reshape(packed.shape[0], -1)
 
 
+PACK_CHUNK = 1 << 20  # values packed per step by pack_awq
+
+
 def pack_awq(values: torch.Tensor) -> torch.Tensor:
     """Pack ``values [R, C]`` (integers 0..15, C a multiple of 8) into ``int32 [R, C/8]`` (AWQ order)."""
     if values.dim() != 2:
@@ -56,8 +59,11 @@ def pack_awq(values: torch.Tensor) -> torch.Tensor:
         raise AwqNbError(f"pack_awq: values must lie in 0..{2**BITS - 1}, got "
                          f"{int(values.min())}..{int(values.max())}; clamp the codes before packing.")
     order = torch.tensor(AWQ_ORDER, device=values.device)
-    nibbles = values.to(torch.int64).reshape(rows, cols // PACK_FACTOR, PACK_FACTOR)[..., order]
     shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=values.device)
-    words = (nibbles << shifts).sum(dim=-1)  # 0 .. 2**32-1 in int64
-    words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as signed int32
-    return words.to(torch.int32)
+    out = torch.empty(rows, cols // PACK_FACTOR, dtype=torch.int32, device=values.device)
+    step = max(1, PACK_CHUNK // max(cols, 1))  # rows at a time: the int64 temporaries stay ~PACK_CHUNK * 8 bytes
+    for r in range(0, rows, step):
+        nibbles = values[r : r + step].to(torch.int64).reshape(-1, cols // PACK_FACTOR, PACK_FACTOR)[..., order]
+        words = (nibbles << shifts).sum(dim=-1)  # 0 .. 2**32-1 in int64
+        out[r : r + step] = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as signed int32
+    return out

@@ -71,19 +71,21 @@ def test_saliency_matches_a_direct_measurement():
     torch.testing.assert_close(st.max_abs, x.abs().amax(0))
 
 
-@pytest.mark.parametrize("family", ["llama", "phi3"])
-def test_trace_keeps_each_linears_gram_over_the_recorded_sequences(family):
+@pytest.mark.parametrize("family,t", [("llama", 24), ("phi3", 24), ("llama", 4), ("phi3", 4)])
+def test_trace_keeps_each_linears_gram_over_the_recorded_sequences(family, t):
     # The trace keeps X^T X of every Linear's input over the first record_n sequences instead of
     # the inputs themselves, summed over chunks; q/k/v (and gate/up, or phi3's fused layers) share
     # one input tensor and one Gram computation. For the clipping search: X^T X over all
-    # sequences (full_gram) or its diagonal blocks.
+    # sequences (full_gram) or its diagonal blocks. With fewer tokens than input channels
+    # (6 x 4 = 24 here), the full Gram matrices are kept as their rows (RowGram), one per input.
     from awq_nb.arch import block_linears, get_blocks, get_spec
     from awq_nb.capture import capture_inputs
+    from awq_nb.search import RowGram, as_dense
     from awq_nb.trace import trace_block
 
     model = tiny_model(family)
     spec = get_spec(model)
-    inp = capture_inputs(model, spec, _calib(n=6, t=24), torch.device("cpu"))
+    inp = capture_inputs(model, spec, _calib(n=6, t=t), torch.device("cpu"))
     block = get_blocks(model, spec)[0]
     linears = block_linears(block)
     seen = {}
@@ -102,11 +104,16 @@ def test_trace_keeps_each_linears_gram_over_the_recorded_sequences(family):
     for n, xs in seen.items():
         assert len(xs) == 6  # two traces, each in chunks of 2, 2 (recorded) and 2 (not)
         x = torch.cat(xs[:2])
-        assert tr.recorded_tokens[n] == 4 * 24
-        torch.testing.assert_close(tr.sigmas[n], x.T @ x, rtol=1e-4, atol=1e-4, msg=f"{n}")
+        assert tr.recorded_tokens[n] == 4 * t
+        as_rows = 6 * t < x.shape[1]
+        assert isinstance(tr.sigmas[n], RowGram) == as_rows, n
+        torch.testing.assert_close(as_dense(tr.sigmas[n]), x.T @ x, rtol=1e-4, atol=1e-4, msg=f"{n}")
         if n in clipped:
             x_all = torch.cat(xs[:3])
-            torch.testing.assert_close(tr.grams[n], x_all.T @ x_all, rtol=1e-4, atol=1e-4, msg=f"{n}")
+            assert isinstance(tr.grams[n], RowGram) == as_rows, n
+            torch.testing.assert_close(as_dense(tr.grams[n]), x_all.T @ x_all, rtol=1e-4, atol=1e-4, msg=f"{n}")
+            if as_rows:  # the recorded rows are the first rows of the one copy kept
+                assert tr.sigmas[n].x.untyped_storage().data_ptr() == tr.grams[n].x.untyped_storage().data_ptr()
             torch.testing.assert_close(blocks[n], gram_blocks(x_all.T @ x_all, 32), rtol=1e-4, atol=1e-4, msg=f"{n}")
 
 

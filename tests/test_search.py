@@ -174,3 +174,34 @@ def test_scale_search_breaks_ties_towards_the_smaller_alpha():
         _, losses, best, s, pruned = search_scales(x_mean, [w], flat, 4, 32, True, n_grid=10, prune=prune, first_alpha=0.7)
         assert best == 0.0 and not any(pruned)
         torch.testing.assert_close(s, candidate_scales(x_mean, 0.0))
+
+
+def test_row_gram_gives_the_searches_what_the_matrix_gives():
+    # With fewer tokens than channels the trace keeps X instead of X^T X (RowGram). Every use the
+    # searches make of a Gram matrix must give the same numbers from the rows: losses, diagonal
+    # blocks, unscaling, the clip search with its cross-group sweeps, and the dense form GPTQ takes.
+    from awq_nb.rounding import round_weight
+    from awq_nb.search import RowGram, as_dense, gram_blocks, gram_rows, unscale_gram_, unscaled_gram
+
+    torch.manual_seed(5)
+    x = torch.randn(96, 256) + torch.randn(96, 1)  # 96 tokens < 256 channels
+    x[:, :3] *= 10
+    w = torch.randn(48, 256) * 0.1
+    rows, dense = RowGram(x.clone()), gram(x)
+    d = pseudo_quantize(w, 3, 64) - w
+    assert gram_loss(d, rows) == pytest.approx(gram_loss(d, dense), rel=1e-4)
+    torch.testing.assert_close(d @ rows, d @ dense, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(gram_blocks(rows, 64), gram_blocks(dense, 64), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(gram_rows(d[:, 64:128], rows, slice(64, 128)), d[:, 64:128] @ dense[64:128, :], rtol=1e-4, atol=1e-3)
+    ratios = clip_ratio_grid(20, 0.5)
+    a = search_clip(w, rows, 3, 64, True, ratios, chunk=16, asym=True)
+    b = search_clip(w, dense, 3, 64, True, ratios, chunk=16, asym=True)
+    assert (a.ratios == b.ratios).float().mean() > 0.98 and (a.min_ratios == b.min_ratios).float().mean() > 0.98
+    assert a.loss_after == pytest.approx(b.loss_after, rel=1e-3)
+    s = torch.rand(256) + 0.5
+    torch.testing.assert_close(as_dense(unscaled_gram(rows, s)), unscaled_gram(dense, s), rtol=1e-4, atol=1e-3)
+    assert unscale_gram_(rows, s) is rows
+    torch.testing.assert_close(as_dense(rows), unscaled_gram(dense, s), rtol=1e-4, atol=1e-3)
+    g1 = round_weight("gptq", w * s, 4, 64, gram=rows)
+    g2 = round_weight("gptq", w * s, 4, 64, gram=unscaled_gram(dense, s))
+    assert (g1.codes == g2.codes).float().mean() > 0.99

@@ -30,6 +30,7 @@ import torch
 
 from ..errors import AwqNbError
 from ..quantizer import dequantize_int, quant_params
+from ..search import as_dense
 
 
 @dataclass
@@ -118,8 +119,8 @@ def needs_gram(name: str) -> bool:
 def round_weight(method: str, w: torch.Tensor, bits: int, group_size: int, zero_point: bool = True,
                  gram: torch.Tensor | None = None, target: torch.Tensor | None = None) -> Rounded:
     """Round ``w [N, K]`` (scaled and clipped) with ``method`` on the grid of its own range
-    (:func:`awq_nb.quantizer.quant_params`). ``gram``: ``X^T X [K, K]`` of the input ``w`` sees,
-    required by methods with ``needs_gram``.
+    (:func:`awq_nb.quantizer.quant_params`). ``gram``: ``X^T X [K, K]`` of the input ``w`` sees
+    (or a :class:`awq_nb.search.RowGram`), required by methods with ``needs_gram``.
 
     ``target``: the weight the codes should reproduce, when it is not ``w`` itself. GPTQ after a
     clip search is given the *unclipped* weight: the grid stays the clipped one, but the error that
@@ -135,7 +136,7 @@ def round_weight(method: str, w: torch.Tensor, bits: int, group_size: int, zero_
     aim = w if target is None else target
     if aim.shape != w.shape:
         raise AwqNbError(f"round_weight: target {tuple(aim.shape)} and weight {tuple(w.shape)} differ in shape.")
-    q = rounder.fn(aim.float(), scale, zero, bits, group_size, gram if rounder.needs_gram else None)
+    q = rounder.fn(aim.float(), scale, zero, bits, group_size, as_dense(gram) if rounder.needs_gram else None)
     return from_int_codes(q, scale, zero, bits, group_size, method)
 
 
