@@ -240,6 +240,7 @@ def _search_block(
     clip_recs, rounded = [], {}
     ratios = clip_ratio_grid(config.clip_grid, config.max_shrink)
     needs_gram = get_rounder(config.rounding).needs_gram
+    factors: dict = {}  # what the rounding derives from a Gram matrix, shared by the Linears that share it
     for n, m in todo.items():
         w = weight_nk(m)
         sig = scaled_input(tr.sigmas[n], n) if n in tr.sigmas else None
@@ -252,7 +253,7 @@ def _search_block(
         q_rtn = pseudo_quantize(w, config.w_bit, config.group_size, config.zero_point) if sig is not None else None
         if needs_gram:  # the trace kept this Linear's full X^T X over all tokens
             r = round_weight(config.rounding, w, config.w_bit, config.group_size, config.zero_point,
-                             gram=scaled_input(tr.grams[n], n), target=unclipped)
+                             gram=scaled_input(tr.grams[n], n), target=unclipped, factors=factors)
             rounded[f"{prefix}.{n}"] = r.to("cpu")
         if sig is None:
             continue
