@@ -12,7 +12,7 @@ from awq_nb.errors import AwqNbError
 from awq_nb.packing import unpack_linear
 from awq_nb.quantizer import pseudo_quantize, quant_params
 from awq_nb.rounding import ROUNDERS, Rounder, round_weight
-from awq_nb.rounding.gptq import round_weight as gptq_codes
+from awq_nb.rounding.gptq import DAMP, round_weight as gptq_codes
 from awq_nb.wqlinear import WQLinear
 from tiny_models import tiny_model
 
@@ -30,7 +30,7 @@ def _output_error(x, w, wq):
     return float(((x @ (wq - w).T) ** 2).sum())
 
 
-def _obq_reference(w, h, scale, zero, bits, group_size, damp=0.01, order=None):
+def _obq_reference(w, h, scale, zero, bits, group_size, damp=DAMP, order=None):
     """GPTQ's greedy pass written the slow, direct way (float64): round column j, spread its error
     over the columns not yet rounded with the inverse Hessian, then remove column j from the
     inverse by a Schur complement. No Cholesky, no blocks, no permuted copies: ``order`` (default
