@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import AWQConfig
+from .config import PROPAGATE, AWQConfig
 from .errors import AwqNbError
 from .memory import peak_rss_bytes, trim
 from .progress import console_progress
@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--rounding", choices=sorted(ROUNDERS), default=c.rounding,
                    help="how the scaled, clipped weights become codes: rtn (round to nearest, AWQ as published) or gptq "
                         "(GPTQ's error feedback on the AWQ grid; awq_nb/rounding) (default %(default)s)")
+    q.add_argument("--propagate", choices=PROPAGATE, default=c.propagate,
+                   help="what each next block is searched on: fp (the fp block's output) or quantized (the output of "
+                        "the block quantized as decided) (default %(default)s)")
     q.add_argument("--skip-indivisible", action="store_true", help="keep Linears whose in_features the group size does not divide in floating point")
     q.add_argument("--fake-quant", action="store_true", help="write a fake-quantized floating-point folder even for 4 bits")
     q.add_argument("--streaming", choices=["auto", "on", "off"], default="auto",
@@ -130,7 +133,7 @@ def cmd_quantize(a) -> dict:
     config = AWQConfig(
         w_bit=a.w_bit, group_size=a.group_size, zero_point=not a.no_zero_point, n_grid=a.n_grid, clip=not a.no_clip,
         clip_grid=a.clip_grid, duo_scaling=a.duo_scaling, asym_clip=a.asym_clip, clip_sweeps=a.clip_sweeps, search_samples=a.search_samples, skip_indivisible=a.skip_indivisible,
-        rounding=a.rounding,
+        rounding=a.rounding, propagate=a.propagate,
     )
     out = Path(a.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

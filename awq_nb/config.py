@@ -7,6 +7,7 @@ from .errors import AwqNbError
 from .quantizer import MAX_BITS, MIN_BITS
 
 GROUP_SIZES = (32, 64, 128, 256, -1)
+PROPAGATE = ("fp", "quantized")  # the next block's input: the fp block's output, or the quantized block's
 
 
 @dataclass
@@ -44,6 +45,13 @@ class AWQConfig:
     rounded through the inverse Gram matrix of the layer's input (GPTQ on the AWQ grid). Both
     searches score their candidates with round-to-nearest whatever the final rounding.
 
+    Propagation: ``propagate`` says what the next block is searched on. ``"fp"`` (the default):
+    the floating-point output of each original block, as AutoAWQ does. ``"quantized"``: the output
+    of the block just searched with its weights quantized as decided (scales, clips, codes), so each
+    block's search and rounding see the inputs the quantized model will give it (GPTQ's sequential
+    form, llm-compressor's default); it costs one more forward per block, and a copy of the block and
+    of its input activations while the block is searched.
+
     ``skip_indivisible``: keep Linears whose in_features is not a multiple of ``group_size`` in
     floating point instead of raising an error.
     """
@@ -63,6 +71,7 @@ class AWQConfig:
     clip_chunk: int = 256
     block_chunk: int = 2  # calibration sequences per forward through a block (bounds its temporaries; docs/benchmarks.md)
     rounding: str = "rtn"
+    propagate: str = "fp"
     skip_indivisible: bool = False
     modules_to_not_convert: list[str] = field(default_factory=list)
 
@@ -80,6 +89,8 @@ class AWQConfig:
         from .rounding import get_rounder
 
         get_rounder(self.rounding)  # an unknown name is an error listing the methods
+        if self.propagate not in PROPAGATE:
+            raise AwqNbError(f"propagate={self.propagate!r}: choose one of {PROPAGATE} (what the next block is searched on).")
         if not 0.0 < self.max_shrink < 1.0:
             raise AwqNbError(f"max_shrink={self.max_shrink!r} must lie in (0, 1): clipping keeps at least 1 - max_shrink of the max.")
 

@@ -256,6 +256,7 @@ def _search_block(
     clip_recs, rounded = [], {}
     ratios = clip_ratio_grid(config.clip_grid, config.max_shrink)
     needs_gram = get_rounder(config.rounding).needs_gram
+    factors: dict = {}  # what the rounding derives from a Gram matrix, shared by the Linears that share it
     for n, m in todo.items():
         w = weight_nk(m)
         sig = scaled_input(tr.sigmas[n], n) if n in tr.sigmas else None
@@ -268,7 +269,7 @@ def _search_block(
         q_rtn = pseudo_quantize(w, config.w_bit, config.group_size, config.zero_point) if sig is not None else None
         if needs_gram:  # the trace kept this Linear's full X^T X over all tokens
             r = round_weight(config.rounding, w, config.w_bit, config.group_size, config.zero_point,
-                             gram=scaled_input(tr.grams[n], n), target=unclipped)
+                             gram=scaled_input(tr.grams[n], n), target=unclipped, factors=factors)
             rounded[f"{prefix}.{n}"] = r.to("cpu")
         if sig is None:
             continue
@@ -283,6 +284,25 @@ def _search_block(
             errs["awq"] = gram_loss(r.dequantize().to(w.device).sub_(unclipped).mul_(rows), sig) / numel
         del unclipped
     return scale_recs, clip_recs, errors, rounded, in_place
+
+
+@torch.no_grad()
+def _forward_quantized(block: nn.Module, idx: int, spec: ArchSpec, result: AWQResult, config: AWQConfig, prefix: str,
+                       keep: list[str], hidden: torch.Tensor, args: tuple, kwargs: dict, applied: bool) -> torch.Tensor:
+    """``hidden`` (block ``idx``'s input ``[n, T, H]``) overwritten, chunk by chunk, with the output of
+    a copy of the block quantized as the search decided: scales folded and clips applied (already, if
+    ``applied``), every quantized Linear's weight replaced by its codes dequantized. The block itself
+    is left as it is."""
+    qblock = copy.deepcopy(block)
+    if not applied:
+        apply_block(qblock, idx, spec, result)
+    for n, m in block_linears(qblock).items():
+        if not _kept(f"{prefix}.{n}", keep):
+            w = weight_nk(m)
+            w.copy_(codes_for(f"{prefix}.{n}", w, config, result.rounded).dequantize(w.dtype))
+    for s in range(0, hidden.shape[0], config.block_chunk):
+        hidden[s : s + config.block_chunk] = first_tensor(qblock(hidden[s : s + config.block_chunk], *args, **kwargs))
+    return hidden
 
 
 def _resolve_calib(tokenizer, calib, n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -370,6 +390,7 @@ def search_blocks(model: nn.Module, calib, config: AWQConfig, progress: Progress
             gram_for = {n for n in linears if not _kept(f"{prefix}.{n}", keep)
                         and (needs_gram or (config.clip and n not in spec.skip_clip))}
             args, kwargs = cast_floats(inp.args[i], device=device), cast_floats(inp.kwargs[i], device=device)
+            block_input = hidden.clone() if config.propagate == "quantized" else None  # the trace overwrites hidden
             tr = trace_block(block, linears, inspect, hidden, args, kwargs, config.block_chunk, config.search_samples,
                              gram_for, config.group_size, full_gram=config.clip_sweeps > 0 or needs_gram)
             trim()  # the forward's temporaries, before the search allocates its own
@@ -382,6 +403,11 @@ def search_blocks(model: nn.Module, calib, config: AWQConfig, progress: Progress
                 apply_block(block, i, spec, result)
             result.saliency.update({f"{prefix}.{n}": st for n, st in tr.stats.items()})
             hidden = tr.output
+            if block_input is not None:  # the next block sees what the quantized model will give it
+                hidden = tr.output = None  # the fp output is not needed: free it first
+                hidden = _forward_quantized(block, i, spec, result, config, prefix, keep, block_input, args, kwargs,
+                                            applied=in_place)
+                block_input = None
             del tr
             trim()
             block.to(home)

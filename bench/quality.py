@@ -82,6 +82,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-seqlen", type=int, default=FULL.eval_seqlen)
     ap.add_argument("--peer", action="append", default=[], choices=sorted(PEERS))
     ap.add_argument("--rounding", default="rtn", help="our rounding methods, comma-separated: rtn,gptq (default rtn)")
+    ap.add_argument("--propagate", default="fp", choices=["fp", "quantized"],
+                    help="our AWQConfig.propagate: what each next block is searched on (default fp)")
     ap.add_argument("--skip-ours", action="store_true", help="only fp, RTN and the peers")
     ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--workdir", default=None, help="keep quantized folders here (default: a temp dir)")
@@ -114,11 +116,12 @@ def main(argv=None) -> int:
         del rtn
         qsize = model_size_bytes(model, cfg.w_bit, cfg.group_size)
         for rounding in ([] if a.skip_ours else a.rounding.split(",")):
-            method = "awq-nb" if rounding == "rtn" else f"awq-nb+{rounding}"
+            method = ("awq-nb" if rounding == "rtn" else f"awq-nb+{rounding}") + ("+qprop" if a.propagate == "quantized" else "")
             out = work / f"{method}-{cfg.tag}"
             s = run_json([sys.executable, "-m", "awq_nb", "quantize", model_dir, "--out", str(out), "--fake-quant",
                           "--w-bit", str(cfg.w_bit), "--group-size", str(cfg.group_size), "--calib", "sotu:1900-1989",
-                          "--n-samples", str(a.n_samples), "--seqlen", str(a.seqlen), "--rounding", rounding])
+                          "--n-samples", str(a.n_samples), "--seqlen", str(a.seqlen), "--rounding", rounding,
+                          "--propagate", a.propagate])
             add(method, cfg.tag, evaluate_folder(out, windows), qsize, s["seconds"], s["peak_memory_bytes"])
         for peer in a.peer:
             out = work / f"{peer}-{cfg.tag}"

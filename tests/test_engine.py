@@ -269,3 +269,40 @@ def test_search_with_apply_leaves_the_model_as_apply_awq_does(dtype):
     assert res.layer_errors.keys() == ref.layer_errors.keys()
     for name, e in res.layer_errors.items():
         assert e == pytest.approx(ref.layer_errors[name], rel=1e-5), name
+
+
+@pytest.mark.parametrize("rounding", ["rtn", "gptq"])
+def test_quantized_propagation_searches_each_block_on_the_quantized_model_s_input(rounding):
+    # propagate="quantized": block 1 is traced on the output of block 0 quantized as decided
+    # (scales folded, clips applied, codes dequantized), not on the fp block's output.
+    from awq_nb.arch import get_blocks, get_spec
+    from awq_nb.engine import apply_block
+    from awq_nb.rounding import codes_for
+
+    model = tiny_model("llama", layers=2)
+    cfg = dict(w_bit=3, group_size=32, n_grid=4, clip_grid=4, rounding=rounding)
+    fp = awq_nb.search(model, _calib(), awq_nb.AWQConfig(**cfg), progress=lambda *a: None)
+    qcfg = awq_nb.AWQConfig(**cfg, propagate="quantized")
+    res = awq_nb.search(model, _calib(), qcfg, progress=lambda *a: None)
+    first = "model.layers.1.self_attn.q_proj"
+    assert [r.best_alpha for r in res.scales if r.block == 0] == [r.best_alpha for r in fp.scales if r.block == 0]
+    assert not torch.allclose(res.saliency[first].mean_abs, fp.saliency[first].mean_abs)
+
+    ref = copy.deepcopy(model)  # block 0 quantized by hand, block 1 as it is
+    block0 = get_blocks(ref)[0]
+    apply_block(block0, 0, get_spec(ref), res)
+    for name, m in find_quantizable(ref).items():
+        if name.startswith("model.layers.0."):
+            w = weight_nk(m)
+            w.copy_(codes_for(name, w, qcfg, res.rounded).dequantize())
+    seen = []
+    hook = ref.get_submodule(first).register_forward_pre_hook(lambda _m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        ref(input_ids=_calib())
+    hook.remove()
+    torch.testing.assert_close(res.saliency[first].mean_abs, torch.cat(seen).abs().mean(0))
+
+    applied = awq_nb.search(copy.deepcopy(model), _calib(), qcfg, progress=lambda *a: None, apply=True)
+    assert [r.best_alpha for r in applied.scales] == [r.best_alpha for r in res.scales]
+    with pytest.raises(awq_nb.AwqNbError, match="propagate"):
+        awq_nb.AWQConfig(propagate="int4")

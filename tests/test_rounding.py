@@ -12,7 +12,7 @@ from awq_nb.errors import AwqNbError
 from awq_nb.packing import unpack_linear
 from awq_nb.quantizer import pseudo_quantize, quant_params
 from awq_nb.rounding import ROUNDERS, Rounder, round_weight
-from awq_nb.rounding.gptq import round_weight as gptq_codes
+from awq_nb.rounding.gptq import DAMP, round_weight as gptq_codes
 from awq_nb.wqlinear import WQLinear
 from tiny_models import tiny_model
 
@@ -30,23 +30,27 @@ def _output_error(x, w, wq):
     return float(((x @ (wq - w).T) ** 2).sum())
 
 
-def _obq_reference(w, h, scale, zero, bits, group_size, damp=0.01):
+def _obq_reference(w, h, scale, zero, bits, group_size, damp=DAMP, order=None):
     """GPTQ's greedy pass written the slow, direct way (float64): round column j, spread its error
-    over the remaining columns with the inverse Hessian, then remove column j from the inverse by
-    a Schur complement. No Cholesky, no blocks."""
+    over the columns not yet rounded with the inverse Hessian, then remove column j from the
+    inverse by a Schur complement. No Cholesky, no blocks, no permuted copies: ``order`` (default
+    natural) is the order the columns are visited in, each on its own group's grid and stored in
+    its own place."""
     w = w.double().clone()
     h = h.double().clone()
     h.diagonal()[h.diagonal() <= 0] = 1.0
     h.diagonal().add_(damp * float(h.diagonal().mean()))
     hinv = torch.linalg.inv(h)
     n, k = w.shape
+    order = list(range(k)) if order is None else [int(j) for j in order]
     q = torch.empty(n, k, dtype=torch.int32)
-    for j in range(k):
+    for t, j in enumerate(order):
+        later = order[t + 1:]
         s, z = scale[:, j // group_size].double(), zero[:, j // group_size].double()
         qj = (torch.round(w[:, j] / s) + z).clamp(0, 2**bits - 1)
         q[:, j] = qj.int()
         err = (w[:, j] - (qj - z) * s) / hinv[j, j]
-        w[:, j + 1:] -= err[:, None] * hinv[j, j + 1:][None, :]
+        w[:, later] -= err[:, None] * hinv[j, later][None, :]
         hinv = hinv - hinv[:, j:j + 1] @ hinv[j:j + 1, :] / hinv[j, j]
     return q
 
@@ -65,15 +69,56 @@ def test_gptq_matches_the_direct_greedy_pass_and_lowers_the_output_error():
     w, x = _correlated()
     h = x.T @ x
     scale, zero = quant_params(w, 4, 32)
-    q = gptq_codes(w, scale, zero, 4, 32, h)
+    q = gptq_codes(w, scale, zero, 4, 32, h, act_order=False)
     ref = _obq_reference(w, h, scale, zero, 4, 32)
     assert (q != ref).float().mean() < 0.005  # fp32 vs float64: a few ties at .5 may round apart
     r = round_weight("gptq", w, 4, 32, gram=h)
-    assert torch.equal(r.int_codes(), q) and int(q.min()) >= 0 and int(q.max()) <= 15  # on the fixed grid
+    assert torch.equal(r.int_codes(), gptq_codes(w, scale, zero, 4, 32, h))  # the default order
+    q = r.int_codes()
+    assert int(q.min()) >= 0 and int(q.max()) <= 15  # on the fixed grid
     assert torch.equal(r.scale, scale) and torch.equal(r.zero, zero)
     rtn = _output_error(x, w, pseudo_quantize(w, 4, 32))
     gptq = _output_error(x, w, r.dequantize())
     assert gptq < 0.8 * rtn, (gptq, rtn)
+
+
+def test_act_order_visits_columns_by_input_energy_on_the_static_grid():
+    # Act-order with static groups: the columns are visited in descending diag(H), each on its own
+    # group's fixed scale and zero, and each code stays in its own column (no g_idx to ship).
+    w, x = _correlated(k=96, seed=1)
+    x = x[:, torch.randperm(96, generator=torch.Generator().manual_seed(2))]  # energy not sorted by column
+    h = x.T @ x
+    scale, zero = quant_params(w, 3, 32)
+    q = gptq_codes(w, scale, zero, 3, 32, h, act_order=True, block=32)
+    order = torch.argsort(h.diagonal(), descending=True)
+    assert not torch.equal(order, torch.arange(96))
+    ref = _obq_reference(w, h, scale, zero, 3, 32, order=order)
+    assert (q != ref).float().mean() < 0.005
+    assert (q != _obq_reference(w, h, scale, zero, 3, 32)).float().mean() > 0.05  # the order matters
+    assert int(q.min()) >= 0 and int(q.max()) <= 7
+    wq = (q.float() - zero.repeat_interleave(32, dim=1)) * scale.repeat_interleave(32, dim=1)  # the gemm format's reading
+    assert _output_error(x, w, wq) < 0.8 * _output_error(x, w, pseudo_quantize(w, 3, 32))
+
+
+def test_a_shared_gram_is_factorised_once(monkeypatch):
+    # q/k/v (and gate/up) read one input: the engine hands them one Gram tensor and one ``factors``
+    # dict, so its inverse factor is computed once, and the codes are those computed without it.
+    import awq_nb.rounding.gptq as gptq
+
+    _, x = _correlated()
+    h = x.T @ x
+    weights = [_correlated(seed=s)[0] for s in (3, 4, 5)]
+    alone = [round_weight("gptq", w, 4, 32, gram=h) for w in weights]
+    calls = []
+    real = gptq.inverse_factor
+    monkeypatch.setattr(gptq, "inverse_factor", lambda *a, **k: calls.append(1) or real(*a, **k))
+    factors = {}
+    shared = [round_weight("gptq", w, 4, 32, gram=h, factors=factors) for w in weights]
+    assert len(calls) == 1
+    assert all(torch.equal(a.codes, b.codes) for a, b in zip(alone, shared))
+    h.mul_(2.0)  # changed in place (as the engine's unscaling does): factorised again
+    round_weight("gptq", weights[0], 4, 32, gram=h, factors=factors)
+    assert len(calls) == 2
 
 
 def test_gptq_after_clipping_aims_at_the_unclipped_weight():

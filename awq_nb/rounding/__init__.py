@@ -19,7 +19,8 @@ Methods (the registry :data:`ROUNDERS`):
   columns not yet rounded through the inverse Gram matrix (GPTQ), on the AWQ grid.
 
 A new method is one module with a ``round_weight(w, scale, zero, bits, group_size, gram)``
-function and one :func:`register` line below.
+function (with ``needs_gram``, also a ``factors`` keyword: see :func:`round_weight`) and one
+:func:`register` line below.
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ import torch
 
 from ..errors import AwqNbError
 from ..quantizer import dequantize_int, quant_params
-from ..search import as_dense
 
 
 @dataclass
@@ -117,7 +117,8 @@ def needs_gram(name: str) -> bool:
 
 @torch.no_grad()
 def round_weight(method: str, w: torch.Tensor, bits: int, group_size: int, zero_point: bool = True,
-                 gram: torch.Tensor | None = None, target: torch.Tensor | None = None) -> Rounded:
+                 gram: torch.Tensor | None = None, target: torch.Tensor | None = None,
+                 factors: dict | None = None) -> Rounded:
     """Round ``w [N, K]`` (scaled and clipped) with ``method`` on the grid of its own range
     (:func:`awq_nb.quantizer.quant_params`). ``gram``: ``X^T X [K, K]`` of the input ``w`` sees
     (or a :class:`awq_nb.search.RowGram`), required by methods with ``needs_gram``.
@@ -125,7 +126,11 @@ def round_weight(method: str, w: torch.Tensor, bits: int, group_size: int, zero_
     ``target``: the weight the codes should reproduce, when it is not ``w`` itself. GPTQ after a
     clip search is given the *unclipped* weight: the grid stays the clipped one, but the error that
     clipping adds is then pushed onto later columns like any rounding error, instead of being taken
-    as part of the weight (measured in docs/rounding.md)."""
+    as part of the weight (measured in docs/rounding.md).
+
+    ``factors``: a dict the caller keeps for as long as its Gram matrices stay unchanged, handed to
+    methods with ``needs_gram``; they keep there what they derive from a Gram matrix (GPTQ: its
+    inverse Cholesky factor), so Linears that share one input tensor (q/k/v, gate/up) share that work."""
     rounder = get_rounder(method)
     if rounder.needs_gram:
         k = w.shape[1]
@@ -136,7 +141,10 @@ def round_weight(method: str, w: torch.Tensor, bits: int, group_size: int, zero_
     aim = w if target is None else target
     if aim.shape != w.shape:
         raise AwqNbError(f"round_weight: target {tuple(aim.shape)} and weight {tuple(w.shape)} differ in shape.")
-    q = rounder.fn(aim.float(), scale, zero, bits, group_size, as_dense(gram) if rounder.needs_gram else None)
+    if rounder.needs_gram:
+        q = rounder.fn(aim.float(), scale, zero, bits, group_size, gram, factors=factors)
+    else:
+        q = rounder.fn(aim.float(), scale, zero, bits, group_size, None)
     return from_int_codes(q, scale, zero, bits, group_size, method)
 
 

@@ -1,32 +1,41 @@
 """GPTQ rounding on the AWQ grid (Frantar et al., 2022), written for this package.
 
-The weight ``W [N, K]`` is rounded one input column at a time, in natural order. Rounding
-column ``j`` leaves an error ``e = (w_j - q_j) / U_jj`` per output row; it is pushed onto the
-columns not yet rounded as ``W[:, j+1:] -= e U[j, j+1:]``, where ``U`` is the upper Cholesky
-factor of ``H^-1`` and ``H = X^T X + lambda I`` the dampened Gram matrix of the layer's input.
-This minimises, column by column, the output error ``||X (W - Q)^T||^2`` that plain rounding
-ignores. Updates are applied lazily: within a block of :data:`BLOCK` columns directly, to the
-columns after it by one matrix product.
+The weight ``W [N, K]`` is rounded one input column at a time. Rounding column ``j`` leaves an
+error ``e = (w_j - q_j) / U_jj`` per output row; it is pushed onto the columns not yet rounded as
+``W[:, later] -= e U[j, later]``, where ``U`` is the upper Cholesky factor of ``H^-1`` and
+``H = X^T X + lambda I`` the dampened Gram matrix of the layer's input, both taken in the order
+the columns are visited. This minimises, column by column, the output error
+``||X (W - Q)^T||^2`` that plain rounding ignores. Updates are applied lazily: within a block of
+:data:`BLOCK` columns directly, to the columns after it by one matrix product.
 
 Choices (docs/rounding.md has the measurements behind them):
 
 - **The grid is fixed before the pass.** Each group's scale and zero come from the AWQ-scaled
   and clipped weight (``awq_nb.quantizer.quant_params``), so the clip search keeps its meaning and
   the codes fit the AutoAWQ "gemm" format. A column pushed past its group's range is clamped.
-- **Natural column order, no act-order**: every checkpoint loads wherever it does today.
-- **Dampening** ``lambda = DAMP * mean(diag H)`` (``DAMP = 0.01``, GPTQ's default); if the
-  Cholesky factorisation still fails it is retried with 10x more, up to 100 %.
+- **Act-order with static groups** (``act_order``, default :data:`ACT_ORDER`): the columns are
+  visited in descending order of ``H_jj`` (the inputs with the most energy first, while most
+  columns are still free to absorb their error), but each column keeps its own group's scale and
+  zero and its code is stored in its own place. The checkpoint is the same AutoAWQ "gemm" format,
+  with no permutation index (``g_idx``) to ship. ``act_order=False``: natural order.
+- **Dampening** ``lambda = damp * mean(diag H)`` (``damp`` default :data:`DAMP` = 0.1, ten times
+  GPTQ's 0.01: measured better after AWQ); if the Cholesky factorisation still fails it is retried
+  with 10x more, up to 100 %.
 - **fp32 throughout.** Input channels that never fire (``H_jj = 0``) get ``H_jj = 1``: their
   column rounds to nearest and pushes nothing.
+- **One factorisation per Gram matrix**: Linears that read the same input (q/k/v, gate/up) share
+  one Gram tensor; a ``factors`` dict kept by the caller holds its factor, so it is computed once.
 """
 from __future__ import annotations
 
 import torch
 
 from ..errors import AwqNbError
+from ..search import RowGram, as_dense
 
-DAMP = 0.01
+DAMP = 0.1  # measured better after AWQ than GPTQ's 0.01: docs/rounding.md, "Variants"
 BLOCK = 128
+ACT_ORDER = True  # measured better after AWQ: docs/rounding.md, "Variants"
 
 
 def inverse_factor(gram: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
@@ -49,26 +58,61 @@ def inverse_factor(gram: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
 
 
+def column_order(gram: torch.Tensor, act_order: bool) -> torch.Tensor | None:
+    """The order the columns are visited in: descending ``diag(gram)`` (ties in natural order) with
+    ``act_order``, else None (natural order)."""
+    if not act_order:
+        return None
+    return torch.sort(gram.diagonal(), descending=True, stable=True).indices
+
+
+def ordered_factor(gram: torch.Tensor | RowGram, damp: float, act_order: bool,
+                   factors: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(U, perm)``: the column order (:func:`column_order`) and :func:`inverse_factor` of the
+    Gram matrix taken in that order. ``factors``: a dict the caller keeps while its Gram matrices
+    stay as they are; a Gram tensor already factorised (the same tensor, with the same
+    ``_version``, damp and order) is not factorised again."""
+    key = (id(gram), (gram.x if isinstance(gram, RowGram) else gram)._version, damp, act_order)
+    if factors is not None and key in factors:
+        return factors[key][1:]
+    dense = as_dense(gram)  # a RowGram (the trace's form for a small budget) is multiplied out here, once
+    perm = column_order(dense, act_order)
+    u = inverse_factor(dense if perm is None else dense[perm][:, perm], damp)
+    del dense
+    if factors is not None:
+        factors[key] = (gram, u, perm)  # holding ``gram`` keeps its id from being reused
+    return u, perm
+
+
 @torch.no_grad()
 def round_weight(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group_size: int,
-                 gram: torch.Tensor, damp: float = DAMP, block: int = BLOCK) -> torch.Tensor:
+                 gram: torch.Tensor, damp: float = DAMP, block: int = BLOCK, act_order: bool = ACT_ORDER,
+                 factors: dict | None = None) -> torch.Tensor:
     """Codes int32 ``[N, K]`` of ``w`` on the fixed grid ``scale``/``zero [N, K/g]`` by GPTQ's
-    column pass with error feedback through ``gram = X^T X [K, K]`` (module docstring).
+    column pass with error feedback through ``gram = X^T X [K, K]`` (module docstring), the
+    columns visited in act-order with ``act_order``. ``factors``: see :func:`ordered_factor`.
 
     Works on ``W^T`` so that each column of ``W`` is a contiguous row: the per-column steps are
     a handful of vector ops and one in-place rank-1 update (``addr_``)."""
     n, k = w.shape
     g = k if group_size == -1 else group_size
-    wt = w.float().t().contiguous()  # [K, N]: row c is column c of W
-    u = inverse_factor(gram.to(w.device), damp)
+    u, perm = ordered_factor(gram, damp, act_order, factors)
+    u = u.to(w.device)
     # each column's grid (its group's scale and zero), as rows
-    s_rows = scale.float().t().repeat_interleave(g, dim=0).contiguous()
+    s_rows = scale.float().t().repeat_interleave(g, dim=0)
     if zero is not None:
-        z_rows = zero.float().t().repeat_interleave(g, dim=0).contiguous()
+        z_rows = zero.float().t().repeat_interleave(g, dim=0)
         lo, hi = 0, 2**bits - 1
     else:
         z_rows = torch.zeros_like(s_rows)
         lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    wt = w.float().t()  # [K, N]: row c is column c of W
+    if perm is not None:  # visit the columns in act-order; each keeps its own group's grid
+        perm = perm.to(w.device)
+        wt, s_rows, z_rows = wt[perm], s_rows[perm], z_rows[perm]
+    wt, s_rows, z_rows = wt.contiguous(), s_rows.contiguous(), z_rows.contiguous()
+    if wt.data_ptr() == w.data_ptr():
+        wt = wt.clone()
     q = torch.empty(k, n, dtype=torch.int32, device=w.device)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -84,4 +128,6 @@ def round_weight(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None
                 wt[c + 1:i2].addr_(ub[j, j + 1:], e, alpha=-1)
         if i2 < k:
             wt[i2:].addmm_(u[i1:i2, i2:].t(), err, alpha=-1)
+    if perm is not None:  # back to the columns' own places
+        q = torch.empty_like(q).index_copy_(0, perm, q)
     return q.t().contiguous()

@@ -1,0 +1,256 @@
+"""GPTQ variants after AWQ, without redoing the AWQ search for each one (issue #17).
+
+The scale and clip search is run once, with ``rounding="gptq"`` (so the trace keeps every
+Linear's full ``X^T X``), on bench/quality.py's protocol: SmolLM2-135M bundled, 32 x 512
+calibration tokens from the 1900-1989 speeches (the same ids), perplexity on 1024-token windows
+of the 1990+ speeches. What each variant needs is kept in ``--workdir``:
+
+- ``search.safetensors``: the scales and clips (:class:`awq_nb.AWQResult`);
+- ``grams.pt``: each Linear's Gram matrix of its *scaled* input, over all calibration tokens,
+  from the fp block inputs, as the engine handed it to the rounding step;
+- ``codes.pt``: the codes the engine's GPTQ produced; the variant with the engine's settings
+  (``baseline`` for natural order, ``act`` for act-order) must reproduce them (0.00 % differing).
+
+``--propagate quantized`` runs that one search with the engine's own quantized propagation
+(``AWQConfig(propagate="quantized")``: scales and clips searched on the quantized model's inputs);
+use another ``--workdir`` for it.
+
+Each variant then only rounds (and, for the propagation variants, runs the blocks forward again):
+
+- ``fp`` propagation: every Linear rounded with the cached Gram (as the engine does);
+- ``quantized`` propagation: block ``i``'s Grams from inputs computed through blocks ``0..i-1``
+  already replaced by their codes (the scales and clips stay those of the fp search);
+- ``within``: as ``quantized``, and inside a block each input's Gram is taken after the Linears
+  before it are rounded (o_proj after q/k/v, gate/up after o_proj, down_proj after gate/up).
+
+    python bench/gptq_variants.py --workdir /tmp/gv --search-only          # the search, once (~9 min)
+    python bench/gptq_variants.py --workdir /tmp/gv --windows 16 \
+        --variants baseline,act,qprop,act+qprop,damp0.1,damp0.05,within,act+within,rtn     # screen
+    python bench/gptq_variants.py --workdir /tmp/gv --windows 64 --variants baseline,act,act+qprop,rtn
+
+A variant is ``+``-joined options: ``act`` (act-order, static groups), ``dampX`` (dampening
+``X * mean(diag H)``), ``noclip`` (the grid of the scaled weight's own range, the clip search's
+choice ignored), ``qprop`` / ``within`` (propagation); ``baseline`` is the engine's GPTQ, ``rtn``
+AWQ rounded to nearest, ``fp`` the unquantized model.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import awq_nb  # noqa: E402
+import awq_nb.engine as engine  # noqa: E402
+from awq_nb.arch import block_linears, get_blocks, get_spec, weight_nk  # noqa: E402
+from awq_nb.capture import capture_inputs, first_tensor  # noqa: E402
+from awq_nb.evaluate import perplexity  # noqa: E402
+from awq_nb.quantizer import quant_params  # noqa: E402
+from awq_nb.rounding import from_int_codes, gptq, rtn  # noqa: E402
+from awq_nb.search import apply_clip_  # noqa: E402
+from awq_nb.settings import FULL  # noqa: E402
+from awq_nb.trace import trace_block  # noqa: E402
+
+CALIB = "sotu:1900-1989"
+EVAL = "sotu:1990-"
+
+
+def run_search(model, calib: torch.Tensor, config: awq_nb.AWQConfig, work: Path) -> None:
+    """The one AWQ search; writes search.safetensors, grams.pt and codes.pt into ``work``."""
+    grams: dict[str, torch.Tensor] = {}
+    real = engine._search_block
+
+    def keep_grams(idx, block, spec, tr, cfg, prefix, *args, **kwargs):
+        out = real(idx, block, spec, tr, cfg, prefix, *args, **kwargs)
+        # the rounding step has turned every Gram into that of the scaled input, in place;
+        # q/k/v (and gate/up) share one tensor, which torch.save stores once
+        grams.update({f"{prefix}.{n}": g for n, g in tr.grams.items()})
+        return out
+
+    engine._search_block = keep_grams
+    try:
+        t0 = time.perf_counter()
+        result = awq_nb.search(model, calib, config)
+        seconds = time.perf_counter() - t0
+    finally:
+        engine._search_block = real
+    result.save(work / "search.safetensors")
+    torch.save(grams, work / "grams.pt")
+    torch.save({n: r.codes for n, r in result.rounded.items()}, work / "codes.pt")
+    (work / "search.json").write_text(json.dumps({"seconds": seconds, "config": config.to_dict(),
+                                                      "gptq": {"act_order": gptq.ACT_ORDER, "damp": gptq.DAMP}}))
+    print(f"# search: {seconds:.0f} s, {len(grams)} Gram matrices kept", flush=True)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to round after the AWQ search (module docstring)."""
+
+    name: str
+    rounding: str = "gptq"      # "gptq" or "rtn"
+    act_order: bool = False
+    damp: float = gptq.DAMP
+    propagate: str = "fp"       # "fp" | "quantized" | "within"
+    clip: bool = True           # False: the grid of the scaled weight's own range (the clip search's choice ignored)
+
+
+def parse_variant(text: str) -> Variant:
+    """``fp``, ``baseline``, ``rtn``, or ``+``-joined options: ``act``, ``dampX``, ``noclip``, ``qprop``,
+    ``within``."""
+    if text in ("rtn", "fp"):
+        return Variant(text, rounding=text)
+    v = Variant(text, act_order=False, damp=0.01)  # the engine's GPTQ as measured in docs/rounding.md
+    for part in ([] if text == "baseline" else text.split("+")):
+        if part == "act":
+            v = replace(v, act_order=True)
+        elif part.startswith("damp"):
+            v = replace(v, damp=float(part[4:]))
+        elif part == "noclip":
+            v = replace(v, clip=False)
+        elif part in ("qprop", "within"):
+            v = replace(v, propagate="quantized" if part == "qprop" else "within")
+        else:
+            raise SystemExit(f"unknown variant part {part!r} in {text!r}: act, dampX, noclip, qprop, within")
+    return v
+
+
+def scaled_model(model, result: awq_nb.AWQResult):
+    """A copy of ``model`` with the searched scales folded in and *no* clipping: the same function as
+    ``model``, whose Linears hold the scaled, unclipped weights GPTQ aims at."""
+    return awq_nb.apply_awq(copy.deepcopy(model), replace(result, clips=[]))
+
+
+def round_linear(v: Variant, w: torch.Tensor, clip, bits: int, g: int, gram, factors: dict) -> torch.Tensor:
+    """The dequantized weight of one Linear: ``w`` (scaled, unclipped) on the grid of its clipped
+    version (``clip``: its ClipRecord or None), rounded by variant ``v``."""
+    wc = w.clone()
+    if clip is not None and v.clip:
+        apply_clip_(wc, clip.max_val, g, clip.min_val)
+    scale, zero = quant_params(wc, bits, g, True)
+    if v.rounding == "rtn":
+        q = rtn.round_weight(wc, scale, zero, bits, g)
+    else:
+        q = gptq.round_weight(w, scale, zero, bits, g, gram, damp=v.damp, act_order=v.act_order, factors=factors)
+    return from_int_codes(q, scale, zero, bits, g, v.name)
+
+
+@torch.no_grad()
+def block_grams(block, linears: dict, hidden: torch.Tensor, args, kwargs, g: int) -> dict[str, torch.Tensor]:
+    """Each of ``linears``' input Gram over all of ``hidden``'s tokens (Linears that read one input
+    share one tensor); ``hidden`` is left as it is."""
+    tr = trace_block(block, linears, {}, hidden.clone(), args, kwargs, chunk=2, record_n=0, gram_for=set(linears),
+                     group_size=g, full_gram=True)
+    return tr.grams
+
+
+@torch.no_grad()
+def forward_(block, hidden: torch.Tensor, args, kwargs, chunk: int = 2) -> None:
+    for s in range(0, hidden.shape[0], chunk):
+        hidden[s:s + chunk] = first_tensor(block(hidden[s:s + chunk], *args, **kwargs))
+
+
+@torch.no_grad()
+def build(v: Variant, base, result: awq_nb.AWQResult, grams: dict, calib: torch.Tensor, bits: int, g: int):
+    """The fake-quantized model of variant ``v`` (``base``: :func:`scaled_model`, not modified) and
+    its codes by Linear name."""
+    model = copy.deepcopy(base)
+    clips = {f"{get_spec(model).blocks}.{c.block}.{c.layer}": c for c in result.clips}
+    codes: dict = {}
+    factors: dict = {}
+    if v.propagate == "fp" or v.rounding == "rtn":
+        for i, block in enumerate(get_blocks(model)):
+            for n, m in block_linears(block).items():
+                name = f"{get_spec(model).blocks}.{i}.{n}"
+                w = weight_nk(m)
+                codes[name] = round_linear(v, w, clips.get(name), bits, g, grams.get(name), factors)
+                w.copy_(codes[name].dequantize())
+        return model, codes
+    spec = get_spec(model)
+    inp = capture_inputs(model, spec, calib, torch.device("cpu"))
+    hidden = inp.hidden
+    for i, block in enumerate(get_blocks(model, spec)):
+        linears = block_linears(block)
+        left = list(linears)
+        while left:  # "within": one input at a time, each Gram taken after the Linears before it are rounded
+            gr = block_grams(block, {n: linears[n] for n in left}, hidden, inp.args[i], inp.kwargs[i], g)
+            stage = [n for n in left if gr[n] is gr[left[0]]] if v.propagate == "within" else left
+            factors = {}
+            for n in stage:
+                name = f"{spec.blocks}.{i}.{n}"
+                w = weight_nk(linears[n])
+                codes[name] = round_linear(v, w, clips.get(name), bits, g, gr[n], factors)
+                w.copy_(codes[name].dequantize())
+            left = [n for n in left if n not in stage]
+        forward_(block, hidden, inp.args[i], inp.kwargs[i])  # the next block's input, through the codes
+    return model, codes
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--w-bit", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--n-samples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=FULL.seqlen)
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--eval-seqlen", type=int, default=FULL.eval_seqlen)
+    ap.add_argument("--search-only", action="store_true")
+    ap.add_argument("--propagate", default="fp", choices=["fp", "quantized"],
+                    help="AWQConfig.propagate of the one search (the engine's own quantized propagation, scales and "
+                         "clips searched on the quantized model's inputs)")
+    ap.add_argument("--variants", default="rtn,baseline")
+    ap.add_argument("--json", default=None, help="append each row here (JSON lines)")
+    a = ap.parse_args(argv)
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    model, tok = awq_nb.load_model(a.model)
+    calib = awq_nb.calibration_blocks(tok, CALIB, n_samples=a.n_samples, seqlen=a.seqlen, seed=FULL.seed)
+    config = awq_nb.AWQConfig(w_bit=a.w_bit, group_size=a.group_size, rounding="gptq", propagate=a.propagate)
+    if not (work / "grams.pt").exists():
+        run_search(model, calib, config, work)
+    if a.search_only:
+        return 0
+    result = awq_nb.AWQResult.load(work / "search.safetensors")
+    grams = torch.load(work / "grams.pt")
+    engine_codes = torch.load(work / "codes.pt")
+    windows = awq_nb.eval_windows(tok, EVAL, seqlen=a.eval_seqlen, max_windows=a.windows)
+    print(f"# {a.model} w{a.w_bit}g{a.group_size}: calibration {tuple(calib.shape)} from {CALIB}, eval "
+          f"{tuple(windows.shape)} from {EVAL}", flush=True)
+    base = scaled_model(model, result)
+    del model
+    for text in a.variants.split(","):
+        v = parse_variant(text)
+        t0 = time.perf_counter()
+        if v.rounding == "fp":  # the scaled, unclipped model computes what the fp model does
+            qmodel, codes = base, None
+        else:
+            qmodel, codes = build(v, base, result, grams, calib, a.w_bit, a.group_size)
+        t_round = time.perf_counter() - t0
+        total = sum(c.numel() for c in engine_codes.values())
+        moved = math.nan if codes is None else sum(int((codes[n].codes != c).sum()) for n, c in engine_codes.items()) / total
+        t0 = time.perf_counter()
+        ppl = perplexity(qmodel, windows=windows)["perplexity"]
+        t_eval = time.perf_counter() - t0
+        del qmodel, codes
+        row = {**asdict(v), "perplexity": ppl, "windows": int(windows.shape[0]), "round_s": t_round, "eval_s": t_eval,
+               "codes_differing_from_engine": moved}
+        print(f"{v.name:>24} ppl {ppl:8.3f}  ({int(windows.shape[0])} windows; rounding {t_round:5.0f} s, eval "
+              f"{t_eval:4.0f} s; codes differing from the engine's GPTQ {100 * moved:5.2f}%)", flush=True)
+        if a.json:
+            with open(a.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
