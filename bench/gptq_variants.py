@@ -30,7 +30,8 @@ Each variant then only rounds (and, for the propagation variants, runs the block
 
 A variant is ``+``-joined options: ``act`` (act-order, static groups), ``dampX`` (dampening
 ``X * mean(diag H)``), ``noclip`` (the grid of the scaled weight's own range, the clip search's
-choice ignored), ``qprop`` / ``within`` (propagation); ``baseline`` is the engine's GPTQ, ``rtn``
+choice ignored), ``clipkeepX`` (each clip ratio ``r`` pulled to ``1 - X * (1 - r)``: ``clipkeep0.5``
+is ``(1 + r) / 2``), ``qprop`` / ``within`` (propagation); ``baseline`` is the engine's GPTQ, ``rtn``
 AWQ rounded to nearest, ``fp`` the unquantized model.
 """
 from __future__ import annotations
@@ -101,6 +102,7 @@ class Variant:
     damp: float = gptq.DAMP
     propagate: str = "fp"       # "fp" | "quantized" | "within"
     clip: bool = True           # False: the grid of the scaled weight's own range (the clip search's choice ignored)
+    clip_keep: float = 1.0      # the fraction of the clip search's shrink kept: ratio r -> 1 - clip_keep * (1 - r)
 
 
 def parse_variant(text: str) -> Variant:
@@ -116,10 +118,12 @@ def parse_variant(text: str) -> Variant:
             v = replace(v, damp=float(part[4:]))
         elif part == "noclip":
             v = replace(v, clip=False)
+        elif part.startswith("clipkeep"):
+            v = replace(v, clip_keep=float(part[8:]))
         elif part in ("qprop", "within"):
             v = replace(v, propagate="quantized" if part == "qprop" else "within")
         else:
-            raise SystemExit(f"unknown variant part {part!r} in {text!r}: act, dampX, noclip, qprop, within")
+            raise SystemExit(f"unknown variant part {part!r} in {text!r}: act, dampX, noclip, clipkeepX, qprop, within")
     return v
 
 
@@ -129,12 +133,21 @@ def scaled_model(model, result: awq_nb.AWQResult):
     return awq_nb.apply_awq(copy.deepcopy(model), replace(result, clips=[]))
 
 
+def kept_clip(clip, keep: float):
+    """``clip``'s (max_val, min_val) with each chosen shrink ratio ``r`` pulled towards 1.0, to
+    ``1 - keep * (1 - r)`` (``keep=0.5``: ``(1 + r) / 2``; ``keep=1``: the search's own choice)."""
+    def pull(val, r):
+        return val if val is None or keep == 1.0 else val * (1.0 - keep * (1.0 - r)) / r  # ratios are > 0.5: no division by 0
+    return pull(clip.max_val, clip.ratios), pull(clip.min_val, clip.min_ratios)
+
+
 def round_linear(v: Variant, w: torch.Tensor, clip, bits: int, g: int, gram, factors: dict) -> torch.Tensor:
     """The dequantized weight of one Linear: ``w`` (scaled, unclipped) on the grid of its clipped
     version (``clip``: its ClipRecord or None), rounded by variant ``v``."""
     wc = w.clone()
     if clip is not None and v.clip:
-        apply_clip_(wc, clip.max_val, g, clip.min_val)
+        hi, lo = kept_clip(clip, v.clip_keep)
+        apply_clip_(wc, hi, g, lo)
     scale, zero = quant_params(wc, bits, g, True)
     if v.rounding == "rtn":
         q = rtn.round_weight(wc, scale, zero, bits, g)
