@@ -5,6 +5,9 @@
                                                     # and compares the two checkpoints byte for byte
     python bench/big_model.py --hidden 3072 --intermediate 8192 --layers 28 --heads 24 --kv-heads 8
                                                     # Llama-3.2-3B's shapes (vocab 32000): ~6 GB in fp16
+    python bench/big_model.py --hidden 4096 --intermediate 11008 --layers 8 --heads 32 --kv-heads 32 --device cuda
+                                                    # on a GPU: Llama-2-7B's block shapes, 8 of its 32 blocks;
+                                                    # prints the peak GPU memory against issue #16's bound
 
 The model has random weights (no hub here), saved as fp16 safetensors in several shards with a
 word-level tokenizer; calibration is 4 x 128 tokens of random words and the grids are coarse, so
@@ -50,8 +53,8 @@ def build(folder: Path, hidden: int, intermediate: int, layers: int, vocab: int,
     return nbytes
 
 
-def quantize(folder: Path, out: Path, calib: Path, streaming: str) -> dict:
-    cmd = [sys.executable, "-m", "awq_nb", "quantize", str(folder), "--out", str(out), "--group-size", "128",
+def quantize(folder: Path, out: Path, calib: Path, streaming: str, device: str = "cpu") -> dict:
+    cmd = [sys.executable, "-m", "awq_nb", "quantize", str(folder), "--out", str(out), "--group-size", "128", "--device", device,
            "--calib", str(calib), "--n-samples", "4", "--seqlen", "128", "--n-grid", "4", "--clip-grid", "4",
            "--search-samples", "2", "--streaming", streaming, "--save-search", "no"]
     start = time.perf_counter()
@@ -87,6 +90,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--device", default="cpu", help="where the search runs (cuda: also checks the peak GPU memory "
+                        "against one block's fp32 weights + the calibration activations + 1 GB, issue #16)")
     parser.add_argument("--both", action="store_true", help="also run the in-memory path and compare the files")
     parser.add_argument("--workdir", help="where to build (default: a temporary folder, removed at the end)")
     args = parser.parse_args(argv)
@@ -98,9 +103,9 @@ def main(argv=None) -> int:
         calib = tmp / "calib.txt"
         calib.write_text(" ".join(f"t{(i * 7919) % args.vocab}" for i in range(20000)))
         floor = runtime_floor(tmp / "model")
-        runs = {"streaming": quantize(tmp / "model", tmp / "q-stream", calib, "on")}
+        runs = {"streaming": quantize(tmp / "model", tmp / "q-stream", calib, "on", args.device)}
         if args.both:
-            runs["in-memory"] = quantize(tmp / "model", tmp / "q-memory", calib, "off")
+            runs["in-memory"] = quantize(tmp / "model", tmp / "q-memory", calib, "off", args.device)
         identical = same_files(tmp / "q-stream", tmp / "q-memory") if args.both else None
         shards = len(list((tmp / "model").glob("*.safetensors")))
     print(f"synthetic Llama: hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, vocab "
@@ -115,6 +120,16 @@ def main(argv=None) -> int:
         print(f"| {name} | {r['peak_rss_bytes'] / 1e9:.2f} GB | {r['peak_rss_bytes'] / fp16:.2f} | "
               f"{(r['peak_rss_bytes'] - floor) / 1e9:.2f} GB | {r['seconds']:.0f} | {r['seconds'] / args.layers:.1f} | "
               f"{r['wall_seconds']:.0f} |")
+    if args.device != "cpu":
+        # issue #16's device target: one block's weights (fp32, as searched) + calibration activations + 1 GB
+        attn = 2 * args.hidden * args.hidden + 2 * args.hidden * (args.hidden // args.heads) * args.kv_heads
+        block = 4 * (attn + 3 * args.hidden * args.intermediate)
+        bound = block + 4 * 4 * 128 * args.hidden + 1e9  # 4 x 128 calibration tokens, fp32
+        for name, r in runs.items():
+            r["device_bound_bytes"] = bound
+            print(f"{name}: peak device memory {r['peak_device_bytes'] / 1e9:.2f} GB, bound {bound / 1e9:.2f} GB "
+                  f"(one fp32 block {block / 1e9:.2f} GB + activations + 1 GB): "
+                  f"{'within' if r['peak_device_bytes'] <= bound else 'OVER'}")
     if identical is not None:
         print(f"\ncheckpoints byte-identical: {identical}")
     print(json.dumps({"fp16_bytes": fp16, "layers": args.layers, "runs": runs, "identical": identical}))

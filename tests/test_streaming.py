@@ -1,4 +1,6 @@
 """The streaming path writes the in-memory path's checkpoint, byte for byte, one block in memory at a time."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -7,6 +9,15 @@ from awq_nb import AWQConfig
 from awq_nb.checkpoint import load_quantized, save_quantized
 from awq_nb.streaming import quantize_streaming
 from tiny_models import tiny_model, tiny_tokenizer
+
+
+def _mapping_of(address: int) -> str:
+    """The /proc/self/maps line of the mapping that holds ``address`` (Linux)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+        if lo <= address < hi:
+            return line
+    return ""
 
 
 def _model_folder(tmp_path, layers=3, tied=False):
@@ -40,6 +51,16 @@ def test_streaming_checkpoint_equals_the_in_memory_one(tmp_path, tied, rounding)
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert [r.best_alpha for r in streamed.scales] == [r.best_alpha for r in result.scales]
+    # the clip records come back off the heap (memory-mapped from a spill file), with the same values
+    assert [(c.block, c.layer) for c in streamed.clips] == [(c.block, c.layer) for c in result.clips] != []
+    for c, ref in zip(streamed.clips, result.clips):
+        if Path("/proc/self/maps").exists():
+            assert "awq_nb_clips_" in _mapping_of(c.max_val.data_ptr()), c.layer
+        for field in ("max_val", "ratios", "min_val", "min_ratios"):
+            got, want = getattr(c, field), getattr(ref, field)
+            assert (got is None and want is None) or torch.equal(got, want), (c.layer, field)
+    streamed.save(tmp_path / "search.safetensors")  # readable after the spill folder is gone
+    assert awq_nb.AWQResult.load(tmp_path / "search.safetensors").clips[0].max_val.equal(result.clips[0].max_val)
     load_quantized(b)  # and it loads, checksums verified
     assert ("lm_head.weight" in (b / "model.safetensors.index.json").read_text()) == (not tied)
 
