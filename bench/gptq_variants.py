@@ -222,9 +222,10 @@ def block_grams(block, linears: dict, hidden: torch.Tensor, args, kwargs, g: int
 
 
 @torch.no_grad()
-def asym_grams(fp_block, block, hidden_fp, hidden, args, kwargs, chunk: int = 2):
+def asym_grams(fp_block, block, hidden_fp, hidden, args, kwargs, chunk: int = 2, first: int = 0):
     """Per Linear of ``block``: ``H~ = X~^T X~`` of its input on the quantized path (``hidden``) and
-    ``C = X^T X~`` with ``X`` the same Linear's input in ``fp_block`` on the fp path (``hidden_fp``)."""
+    ``C = X^T X~`` with ``X`` the same Linear's input in ``fp_block`` on the fp path (``hidden_fp``).
+    ``first``: the positions of each sequence from which the tokens count (1: without position 0)."""
     names = list(block_linears(block))
     grams = {n: None for n in names}
     cross = {n: None for n in names}
@@ -232,7 +233,8 @@ def asym_grams(fp_block, block, hidden_fp, hidden, args, kwargs, chunk: int = 2)
     hooks = []
     for tag, b in (("fp", fp_block), ("q", block)):
         for n, m in block_linears(b).items():
-            hooks.append(m.register_forward_hook(lambda mod, a, out, n=n, tag=tag: seen.__setitem__((tag, n), a[0].reshape(-1, a[0].shape[-1]).float())))
+            hooks.append(m.register_forward_hook(lambda mod, a, out, n=n, tag=tag: seen.__setitem__(
+                (tag, n), a[0][:, first:].reshape(-1, a[0].shape[-1]).float())))
     try:
         for s in range(0, hidden.shape[0], chunk):
             fp_block(hidden_fp[s:s + chunk], *args, **kwargs)
