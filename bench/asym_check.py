@@ -8,6 +8,15 @@ block 4's Linears, each weight is rounded by GPTQ aiming at ``W`` and at the asy
 
     python bench/gptq_variants.py --workdir /tmp/gv --search-only    # once
     python bench/asym_check.py --workdir /tmp/gv
+
+``--track VARIANTS`` follows whole quantized paths instead: for each of bench/gptq_variants.py's
+variants (comma-separated, e.g. ``act+damp0.1+qprop,act+damp0.1+within+asym1``) the blocks are
+rounded one after another as ``gptq_variants.build`` does, with every Gram and target fitted on
+the first 16 of 24 calibration sequences, and after each block the relative error of the hidden
+state against the fp path is printed, on the 8 held-out sequences and on the 16 fitted ones
+(position 0 left out of both).
+
+    python bench/asym_check.py --workdir /tmp/gv --track act+damp0.1+qprop,act+damp0.1+asym1 --blocks 12
 """
 import argparse
 import copy
@@ -32,6 +41,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/gv")
     ap.add_argument("--block", type=int, default=4)
+    ap.add_argument("--track", default=None, help="comma-separated variants of bench/gptq_variants.py to follow")
+    ap.add_argument("--blocks", type=int, default=None, help="with --track: how many blocks (default all)")
     a = ap.parse_args(argv)
     model, tok = awq_nb.load_model("smollm2-135m")
     calib = awq_nb.calibration_blocks(tok, gv.CALIB, n_samples=24, seqlen=512, seed=0)
@@ -39,6 +50,9 @@ def main(argv=None) -> int:
     spec = get_spec(base)
     inp = capture_inputs(base, spec, calib, torch.device("cpu"))
     fit, held = slice(0, 16), slice(16, 24)
+    if a.track:
+        result = awq_nb.AWQResult.load(Path(a.workdir) / "search.safetensors")
+        return track(base, spec, inp, result, a.track.split(","), a.blocks, fit, held)
     hfp, hq = inp.hidden.clone(), inp.hidden.clone()
     qmodel = copy.deepcopy(base)
     for i in range(a.block):  # the quantized path: blocks before a.block rounded to nearest
@@ -71,6 +85,39 @@ def main(argv=None) -> int:
             ws = gv.asym_target(w, gr[n], cr[n], lam)
             cells += [err(w, ws, n), err(w, rounded(ws), n)]
         print(f"| {n} | " + " | ".join(f"{c:.0f}" for c in cells) + " |", flush=True)
+    return 0
+
+
+def track(base, spec, inp, result, names, n_blocks, fit, held) -> int:
+    """``--track``: each variant's quantized path, block by block (module docstring)."""
+    clips = {f"{spec.blocks}.{c.block}.{c.layer}": c for c in result.clips}
+    variants = {t: gv.parse_variant(t) for t in names}
+    paths = {t: (copy.deepcopy(base), inp.hidden.clone()) for t in variants}
+    hfp = inp.hidden.clone()
+    fp_blocks = get_blocks(base, spec)
+    print("block | " + " | ".join(f"{t}: held-out / fitted" for t in variants))
+    for i in range(len(fp_blocks) if n_blocks is None else n_blocks):
+        args, kwargs = inp.args[i], inp.kwargs[i]
+        cells = []
+        for t, v in variants.items():
+            model, hidden = paths[t]
+            block = get_blocks(model, spec)[i]
+            linears = block_linears(block)
+            left = list(linears)
+            while left:  # as gptq_variants.build: one input at a time for "within", else the whole block
+                gr, cr = gv.asym_grams(fp_blocks[i], block, hfp[fit], hidden[fit], args, kwargs, names=left)
+                stage = [n for n in left if gr[n] is gr[left[0]]] if v.propagate == "within" else left
+                for n in stage:
+                    w = weight_nk(linears[n])
+                    aim = gv.asym_target(w, gr[n], cr[n], v.asym) if v.asym is not None else None
+                    name = f"{spec.blocks}.{i}.{n}"
+                    w.copy_(gv.round_linear(v, w, clips.get(name), 4, 64, gr[n], {}, aim, name=name).dequantize())
+                left = [n for n in left if n not in stage]
+            gv.forward_(block, hidden, args, kwargs)
+            rel = [float((hidden[s, 1:] - hfp[s, 1:]).norm() / hfp[s, 1:].norm()) for s in (held, fit)]
+            cells.append(f"{rel[0]:.4f} / {rel[1]:.4f}")
+        gv.forward_(fp_blocks[i], hfp, args, kwargs)
+        print(f"{i} | " + " | ".join(cells), flush=True)
     return 0
 
 

@@ -28,16 +28,29 @@ Each variant then only rounds (and, for the propagation variants, runs the block
         --variants baseline,act,qprop,act+qprop,damp0.1,damp0.05,within,act+within,rtn     # screen
     python bench/gptq_variants.py --workdir /tmp/gv --windows 64 --variants baseline,act,act+qprop,rtn
 
-A variant is ``+``-joined options: ``act`` (act-order, static groups), ``dampX`` (dampening
-``X * mean(diag H)``), ``noclip`` (the grid of the scaled weight's own range, the clip search's
-choice ignored), ``clipkeepX`` (each clip ratio ``r`` pulled to ``1 - X * (1 - r)``: ``clipkeep0.5``
-is ``(1 + r) / 2``), ``qprop`` / ``within`` (propagation), ``refitX`` (after the column pass, each row's
-group scales refitted to the codes by least squares on the output error, zeros kept, dampening ``X``;
-``X`` defaults to the variant's), ``iterN`` (``N`` column passes, each on the previous refit's grid),
-``asymX`` (with ``qprop``: GPTQ aims at ``W (C + lambda I) (H~ + lambda I)^-1``, the weight that best
-reproduces the fp model's output from the quantized model's inputs, ``C = X^T X~``, ``lambda = X *
-mean(diag H~)``); ``baseline`` is the engine's GPTQ before act-order (natural order, dampening 0.01),
-``rtn`` AWQ rounded to nearest, ``fp`` the unquantized model.
+A variant is ``+``-joined options:
+
+- ``act``: act-order with static groups;
+- ``dampX``: dampening ``X * mean(diag H)``;
+- ``shrinkX``: the Gram's diagonal raised by ``X`` times itself before the dampening;
+- ``firstN``: Grams over positions ``N..`` of each sequence (``first1``: without position 0);
+- ``noclip``: the grid of the scaled weight's own range, the clip search's choice ignored;
+- ``clipkeepX``: each clip ratio ``r`` pulled to ``1 - X * (1 - r)`` (``clipkeep0.5`` is ``(1 + r) / 2``);
+- ``qprop`` / ``within``: propagation (above);
+- ``dyn``: each group's grid fixed when the pass reaches its first column, from the weights as
+  updated by then, the clip ratios applied to that range;
+- ``refitX``: after the column pass, each row's group scales refitted to the codes by least squares
+  on the output error, zeros kept, dampening ``X`` (default the variant's);
+- ``iterN``: ``N`` column passes, each on the previous refit's grid;
+- ``asymX``: GPTQ aims at ``W (C + lambda I) (H~ + lambda I)^-1``, the weight that best reproduces
+  the fp model's output from the quantized model's inputs (``C = X^T X~``, ``lambda = X *
+  mean(diag H~)``). Implies ``qprop``; use it with ``within``, so that each target is fitted after
+  the Linears before it are rounded (with ``qprop``, o_proj and down_proj correct again what
+  q/k/v and gate/up already corrected: docs/rounding.md);
+- ``NAME.option``: ``option`` only for the Linears whose name contains ``NAME`` (``down.damp0.03``).
+
+``baseline`` is the engine's GPTQ before act-order (natural order, dampening 0.01), ``rtn`` AWQ
+rounded to nearest, ``fp`` the unquantized model.
 """
 from __future__ import annotations
 
@@ -126,34 +139,63 @@ class Variant:
     rounds: int = 1             # GPTQ passes, each on the grid the previous refit gave
     asym: float | None = None   # with qprop: aim at the fp model's output from the quantized model's inputs,
                                 # the least-squares target dampened by asym * mean(diag H~)
+    shrink: float = 0.0         # the Gram's diagonal raised by this fraction of itself before the dampening
+                                # (shrinks the input correlations towards 0, as covariance estimators do)
+    first: int = 0              # the Gram matrices over positions first.. of each sequence (1: no position 0)
+    overrides: tuple = ()       # (NAME, option): the option for the Linears whose name contains NAME
+    dyn: bool = False           # each group's grid taken when the pass reaches its first column, from the
+                                # weights as updated so far (the clip search's ratios applied to their range)
 
 
 def parse_variant(text: str) -> Variant:
-    """``fp``, ``baseline``, ``rtn``, or ``+``-joined options: ``act``, ``dampX``, ``noclip``, ``qprop``,
-    ``within``."""
+    """``fp``, ``baseline``, ``rtn``, or ``+``-joined options (module docstring). ``NAME.option`` applies
+    ``option`` only to the Linears whose name contains ``NAME`` (``down.damp0.03``)."""
     if text in ("rtn", "fp"):
         return Variant(text, rounding=text)
     v = Variant(text, act_order=False, damp=0.01)  # the engine's GPTQ as measured in docs/rounding.md
     for part in ([] if text == "baseline" else text.split("+")):
-        if part == "act":
-            v = replace(v, act_order=True)
-        elif part.startswith("damp"):
-            v = replace(v, damp=float(part[4:]))
-        elif part == "noclip":
-            v = replace(v, clip=False)
-        elif part.startswith("clipkeep"):
-            v = replace(v, clip_keep=float(part[8:]))
-        elif part.startswith("refit"):
-            v = replace(v, refit=float(part[5:] or v.damp))
-        elif part.startswith("asym"):
-            v = replace(v, asym=float(part[4:] or v.damp), propagate="quantized")
-        elif part.startswith("iter"):
-            v = replace(v, rounds=int(part[4:]))
-        elif part in ("qprop", "within"):
-            v = replace(v, propagate="quantized" if part == "qprop" else "within")
+        head, dot, rest = part.partition(".")
+        if dot and head.isalpha() and rest[:1].isalpha():
+            apply_part(v, rest, text)  # checked now, applied per Linear (:func:`for_linear`)
+            v = replace(v, overrides=v.overrides + ((head, rest),))
         else:
-            raise SystemExit(f"unknown variant part {part!r} in {text!r}: act, dampX, noclip, clipkeepX, qprop, within, "
-                             "refitX, iterN, asymX")
+            v = apply_part(v, part, text)
+    return v
+
+
+def apply_part(v: Variant, part: str, text: str) -> Variant:
+    """``v`` with one option of a variant's name applied."""
+    if part == "act":
+        return replace(v, act_order=True)
+    if part.startswith("damp"):
+        return replace(v, damp=float(part[4:]))
+    if part == "noclip":
+        return replace(v, clip=False)
+    if part.startswith("clipkeep"):
+        return replace(v, clip_keep=float(part[8:]))
+    if part.startswith("refit"):
+        return replace(v, refit=float(part[5:] or v.damp))
+    if part.startswith("asym"):
+        return replace(v, asym=float(part[4:] or v.damp), propagate="within" if v.propagate == "within" else "quantized")
+    if part.startswith("shrink"):
+        return replace(v, shrink=float(part[6:]))
+    if part == "dyn":
+        return replace(v, dyn=True)
+    if part.startswith("first"):
+        return replace(v, first=int(part[5:]))
+    if part.startswith("iter"):
+        return replace(v, rounds=int(part[4:]))
+    if part in ("qprop", "within"):
+        return replace(v, propagate="within" if part == "within" else v.propagate if v.asym is not None else "quantized")
+    raise SystemExit(f"unknown variant part {part!r} in {text!r}: act, dampX, noclip, clipkeepX, qprop, within, "
+                     "refitX, iterN, asymX, shrinkX, dyn, NAME.option")
+
+
+def for_linear(v: Variant, name: str) -> Variant:
+    """``v`` with its ``NAME.option`` parts applied that match Linear ``name``."""
+    for head, part in v.overrides:
+        if head in name:
+            v = apply_part(v, part, v.name)
     return v
 
 
@@ -171,16 +213,23 @@ def kept_clip(clip, keep: float):
     return pull(clip.max_val, clip.ratios), pull(clip.min_val, clip.min_ratios)
 
 
-def round_linear(v: Variant, w: torch.Tensor, clip, bits: int, g: int, gram, factors: dict, aim=None) -> torch.Tensor:
-    """The dequantized weight of one Linear: ``w`` (scaled, unclipped) on the grid of its clipped
-    version (``clip``: its ClipRecord or None), rounded by variant ``v``."""
+def round_linear(v: Variant, w: torch.Tensor, clip, bits: int, g: int, gram, factors: dict, aim=None,
+                 name: str = ""):
+    """The codes of one Linear (a Rounded): ``w`` (scaled, unclipped) on the grid of its clipped
+    version (``clip``: its ClipRecord or None), rounded by variant ``v`` (with its options for ``name``)."""
+    v = for_linear(v, name)
     wc = w.clone()
     if clip is not None and v.clip:
         hi, lo = kept_clip(clip, v.clip_keep)
         apply_clip_(wc, hi, g, lo)
     scale, zero = quant_params(wc, bits, g, True)
+    if v.shrink and gram is not None:
+        gram = shrunk(gram, v.shrink, factors)
     if v.rounding == "rtn":
         q = rtn.round_weight(wc, scale, zero, bits, g)
+    elif v.dyn:
+        q, scale, zero = dynamic_round(w if aim is None else aim, clip if v.clip else None, bits, g, gram, v.damp,
+                                       v.act_order, factors)
     else:
         for r in range(v.rounds):
             q = gptq.round_weight(w if aim is None else aim, scale, zero, bits, g, gram, damp=v.damp,
@@ -188,6 +237,83 @@ def round_linear(v: Variant, w: torch.Tensor, clip, bits: int, g: int, gram, fac
             if v.refit is not None and zero is not None:
                 scale = refit_scales(w, q, scale, zero, g, gram, v.refit)
     return from_int_codes(q, scale, zero, bits, g, v.name)
+
+
+def shrunk(gram, x: float, factors: dict):
+    """``gram`` with its diagonal times ``1 + x``, one tensor per Gram (kept in ``factors`` so that
+    Linears sharing a Gram share it, and its factorisation, too)."""
+    key = ("shrink", id(gram), x)
+    if key not in factors:
+        h = as_dense(gram).float().clone()
+        h.diagonal().mul_(1.0 + x)
+        factors[key] = (gram, h)
+    return factors[key][1]
+
+
+def group_grid(vals: torch.Tensor, clip, grp: int, bits: int):
+    """Scale and zero ``[N]`` of one group from its current values ``vals [g, N]`` (columns as rows), the
+    clip search's ratios for that group applied to their range as the search applied them to the
+    original weights (``clip``: the ClipRecord, or None for no clipping)."""
+    w_lo, w_hi = vals.amin(0), vals.amax(0)
+    if clip is None:
+        lo, hi = w_lo, w_hi
+    elif clip.min_ratios is not None:
+        hi, lo = w_hi * clip.ratios[:, grp], w_lo * clip.min_ratios[:, grp]
+    else:
+        top = torch.maximum(w_hi, -w_lo) * clip.ratios[:, grp]
+        hi, lo = torch.minimum(w_hi, top), torch.maximum(w_lo, -top)
+    hi, lo = torch.minimum(hi, w_hi), torch.maximum(lo, w_lo)  # the clamped weights' own range
+    max_int = 2 ** bits - 1
+    scale = (hi - lo).clamp(min=1e-5) / max_int
+    zero = (-torch.round(lo / scale)).clamp(0, max_int)
+    return scale, zero
+
+
+@torch.no_grad()
+def dynamic_round(w, clip, bits, g, gram, damp, act_order, factors):
+    """GPTQ's column pass (as :func:`awq_nb.rounding.gptq.round_weight`, zero point only) in which each
+    group's grid is fixed when the pass reaches the group's first column, from the weights as the
+    error feedback has updated them by then (columns keep their natural groups: the "gemm" format).
+    Returns ``(codes [N, K], scale [N, K/g], zero [N, K/g])``."""
+    n, k = w.shape
+    u, perm = gptq.ordered_factor(gram, damp, act_order, factors)
+    order = torch.arange(k) if perm is None else perm
+    pos = torch.empty(k, dtype=torch.long).index_copy_(0, order, torch.arange(k))  # column -> place in the pass
+    wt = w.float().t()[order].contiguous()
+    scale = torch.empty(n, k // g)
+    zero = torch.empty(n, k // g)
+    s_rows = torch.empty(k, n)
+    z_rows = torch.empty(k, n)
+    ready = torch.zeros(k // g, dtype=torch.bool)
+    q = torch.empty(k, n, dtype=torch.int32)
+    hi_code = 2 ** bits - 1
+    blk = gptq.BLOCK
+    for i1 in range(0, k, blk):
+        i2 = min(i1 + blk, k)
+        ub = u[i1:i2, i1:i2]
+        err = torch.zeros(i2 - i1, n)
+        for j in range(i2 - i1):
+            c = i1 + j
+            grp = int(order[c]) // g
+            if not ready[grp]:
+                places = pos[grp * g:(grp + 1) * g]
+                vals = wt[places].clone()
+                later = places >= i2  # their updates from this block are still pending
+                if later.any() and j > 0:
+                    vals[later] -= u[i1:c, places[later]].t() @ err[:j]
+                scale[:, grp], zero[:, grp] = group_grid(vals, clip, grp, bits)
+                s_rows[places], z_rows[places] = scale[:, grp], zero[:, grp]
+                ready[grp] = True
+            row = wt[c]
+            qc = torch.round(row / s_rows[c]).add_(z_rows[c]).clamp_(0, hi_code)
+            q[c] = qc
+            err[j] = (row - (qc - z_rows[c]) * s_rows[c]) / ub[j, j]
+            if c + 1 < i2:
+                wt[c + 1:i2].addr_(ub[j, j + 1:], err[j], alpha=-1)
+        if i2 < k:
+            wt[i2:].addmm_(u[i1:i2, i2:].t(), err, alpha=-1)
+    q = torch.empty_like(q).index_copy_(0, order, q)
+    return q.t().contiguous(), scale, zero
 
 
 def refit_scales(w, q, scale, zero, g, gram, damp, ridge=1e-4):
@@ -222,27 +348,35 @@ def block_grams(block, linears: dict, hidden: torch.Tensor, args, kwargs, g: int
 
 
 @torch.no_grad()
-def asym_grams(fp_block, block, hidden_fp, hidden, args, kwargs, chunk: int = 2, first: int = 0):
-    """Per Linear of ``block``: ``H~ = X~^T X~`` of its input on the quantized path (``hidden``) and
-    ``C = X^T X~`` with ``X`` the same Linear's input in ``fp_block`` on the fp path (``hidden_fp``).
+def asym_grams(fp_block, block, hidden_fp, hidden, args, kwargs, chunk: int = 2, first: int = 0, names=None):
+    """Per Linear of ``block`` (or of ``names``): ``H~ = X~^T X~`` of its input on the quantized path
+    (``hidden``) and ``C = X^T X~`` with ``X`` the same Linear's input in ``fp_block`` on the fp path
+    (``hidden_fp``). Linears that read one input (q/k/v, gate/up) share one tensor of each.
     ``first``: the positions of each sequence from which the tokens count (1: without position 0)."""
-    names = list(block_linears(block))
-    grams = {n: None for n in names}
-    cross = {n: None for n in names}
+    names = list(block_linears(block)) if names is None else list(names)
+    grams: dict = {}
+    cross: dict = {}
     seen: dict = {}
     hooks = []
     for tag, b in (("fp", fp_block), ("q", block)):
-        for n, m in block_linears(b).items():
-            hooks.append(m.register_forward_hook(lambda mod, a, out, n=n, tag=tag: seen.__setitem__(
-                (tag, n), a[0][:, first:].reshape(-1, a[0].shape[-1]).float())))
+        mods = block_linears(b)
+        for n in names:
+            hooks.append(mods[n].register_forward_hook(lambda mod, a, out, n=n, tag=tag: seen.__setitem__((tag, n), a[0])))
     try:
         for s in range(0, hidden.shape[0], chunk):
             fp_block(hidden_fp[s:s + chunk], *args, **kwargs)
             block(hidden[s:s + chunk], *args, **kwargs)
+            done: dict = {}  # the quantized path's input tensor -> the first name that read it
             for n in names:
-                xf, xq = seen[("fp", n)], seen[("q", n)]
-                grams[n] = xq.t() @ xq if grams[n] is None else grams[n].addmm_(xq.t(), xq)
-                cross[n] = xf.t() @ xq if cross[n] is None else cross[n].addmm_(xf.t(), xq)
+                xin = seen[("q", n)]
+                lead = done.setdefault((xin.data_ptr(), tuple(xin.shape)), n)
+                if lead != n:  # the same input as ``lead``: share its sums
+                    grams[n], cross[n] = grams[lead], cross[lead]
+                    continue
+                xq = xin[:, first:].reshape(-1, xin.shape[-1]).float()
+                xf = seen[("fp", n)][:, first:].reshape(-1, xin.shape[-1]).float()
+                grams[n] = xq.t() @ xq if n not in grams else grams[n].addmm_(xq.t(), xq)
+                cross[n] = xf.t() @ xq if n not in cross else cross[n].addmm_(xf.t(), xq)
             seen.clear()
     finally:
         for h in hooks:
@@ -265,6 +399,25 @@ def forward_(block, hidden: torch.Tensor, args, kwargs, chunk: int = 2) -> None:
         hidden[s:s + chunk] = first_tensor(block(hidden[s:s + chunk], *args, **kwargs))
 
 
+_FP_GRAMS: dict = {}
+
+
+@torch.no_grad()
+def fp_grams(base, calib: torch.Tensor, first: int) -> dict:
+    """Each Linear's Gram matrix on the fp path (``base``: the scaled model), over the positions
+    ``first..`` of each calibration sequence; kept for the next variant."""
+    if first not in _FP_GRAMS:
+        spec = get_spec(base)
+        inp = capture_inputs(base, spec, calib, torch.device("cpu"))
+        out = {}
+        for i, block in enumerate(get_blocks(base, spec)):
+            gr, _ = asym_grams(block, block, inp.hidden, inp.hidden, inp.args[i], inp.kwargs[i], first=first)
+            out.update({f"{spec.blocks}.{i}.{n}": t for n, t in gr.items()})
+            forward_(block, inp.hidden, inp.args[i], inp.kwargs[i])
+        _FP_GRAMS[first] = out
+    return _FP_GRAMS[first]
+
+
 @torch.no_grad()
 def build(v: Variant, base, result: awq_nb.AWQResult, grams: dict, calib: torch.Tensor, bits: int, g: int):
     """The fake-quantized model of variant ``v`` (``base``: :func:`scaled_model`, not modified) and
@@ -273,12 +426,14 @@ def build(v: Variant, base, result: awq_nb.AWQResult, grams: dict, calib: torch.
     clips = {f"{get_spec(model).blocks}.{c.block}.{c.layer}": c for c in result.clips}
     codes: dict = {}
     factors: dict = {}
+    if v.first and v.propagate == "fp":
+        grams = fp_grams(base, calib, v.first)
     if v.propagate == "fp" or v.rounding == "rtn":
         for i, block in enumerate(get_blocks(model)):
             for n, m in block_linears(block).items():
                 name = f"{get_spec(model).blocks}.{i}.{n}"
                 w = weight_nk(m)
-                codes[name] = round_linear(v, w, clips.get(name), bits, g, grams.get(name), factors)
+                codes[name] = round_linear(v, w, clips.get(name), bits, g, grams.get(name), factors, name=name)
                 w.copy_(codes[name].dequantize())
         return model, codes
     spec = get_spec(model)
@@ -289,23 +444,24 @@ def build(v: Variant, base, result: awq_nb.AWQResult, grams: dict, calib: torch.
     for i, block in enumerate(get_blocks(model, spec)):
         linears = block_linears(block)
         left = list(linears)
-        aims = {}
-        if v.asym is not None:  # the Grams of the quantized path's inputs, and the fp targets through the cross terms
-            gr, cross = asym_grams(fp_blocks[i], block, hidden_fp, hidden, inp.args[i], inp.kwargs[i])
-            for n in linears:
-                aims[n] = asym_target(weight_nk(linears[n]), gr[n], cross[n], v.asym)
-            forward_(fp_blocks[i], hidden_fp, inp.args[i], inp.kwargs[i])
         while left:  # "within": one input at a time, each Gram taken after the Linears before it are rounded
-            if v.asym is None:
+            aims = {}
+            if v.asym is not None:  # the quantized path's Grams, and the fp targets through the cross terms
+                gr, cross = asym_grams(fp_blocks[i], block, hidden_fp, hidden, inp.args[i], inp.kwargs[i], names=left)
+            else:
                 gr = block_grams(block, {n: linears[n] for n in left}, hidden, inp.args[i], inp.kwargs[i], g)
             stage = [n for n in left if gr[n] is gr[left[0]]] if v.propagate == "within" else left
+            if v.asym is not None:
+                aims = {n: asym_target(weight_nk(linears[n]), gr[n], cross[n], v.asym) for n in stage}
             factors = {}
             for n in stage:
                 name = f"{spec.blocks}.{i}.{n}"
                 w = weight_nk(linears[n])
-                codes[name] = round_linear(v, w, clips.get(name), bits, g, gr[n], factors, aims.get(n))
+                codes[name] = round_linear(v, w, clips.get(name), bits, g, gr[n], factors, aims.get(n), name=name)
                 w.copy_(codes[name].dequantize())
             left = [n for n in left if n not in stage]
+        if v.asym is not None:
+            forward_(fp_blocks[i], hidden_fp, inp.args[i], inp.kwargs[i])
         forward_(block, hidden, inp.args[i], inp.kwargs[i])  # the next block's input, through the codes
     return model, codes
 

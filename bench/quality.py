@@ -72,6 +72,20 @@ def evaluate_folder(path: Path, windows: torch.Tensor) -> float:
     return perplexity(model, windows=windows)["perplexity"]
 
 
+def load_baselines(path: str, model: str, protocol: dict) -> dict:
+    """The fp and RTN rows of an earlier ``--json`` file, by (method, config), for ``add``."""
+    data = json.loads(Path(path).read_text())
+    theirs = data.get("protocol", {})
+    differ = {k: (theirs[k], v) for k, v in protocol.items() if k in theirs and theirs[k] != v}
+    if data.get("model") != model or differ:
+        raise SystemExit(f"--baselines {path} is a run of {data.get('model')!r} with {differ or 'the same settings'}, "
+                         f"this one of {model!r}: give a file from a run of the same model and protocol, or leave "
+                         "--baselines out.")
+    return {(r["method"], r["config"]): {"method": r["method"], "tag": r["config"], "ppl": r["perplexity"],
+                                         "size": r["size_bytes"]}
+            for r in data["rows"] if r["method"] in ("fp", "rtn")}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -87,6 +101,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-ours", action="store_true", help="only fp, RTN and the peers")
     ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--workdir", default=None, help="keep quantized folders here (default: a temp dir)")
+    ap.add_argument("--baselines", default=None, metavar="JSON",
+                    help="take the fp and RTN rows from this --json file of an earlier run with the same protocol "
+                         "instead of evaluating them again (e.g. peers run apart, one core each)")
     a = ap.parse_args(argv)
     configs = [parse_config(t) for t in (a.configs or ("w4g128" if "gemma" in a.model else "w4g64,w3g64")).split(",")]
 
@@ -107,13 +124,24 @@ def main(argv=None) -> int:
                      "seconds": seconds, "peak_memory_bytes": peak, "note": note})
         print(f"{method:>14} {tag:>6} ppl {ppl:9.3f}  {'' if seconds is None else f'{seconds:7.1f}s'}", flush=True)
         if a.json:  # after every row, so a stopped run keeps what it measured
-            Path(a.json).write_text(json.dumps({"model": a.model, "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))
+            Path(a.json).write_text(json.dumps({"model": a.model, "date": time.strftime("%Y-%m-%d"),
+                                                "protocol": protocol, "rows": rows}, indent=2))
 
-    add("fp", "fp32", perplexity(model, windows=windows)["perplexity"], model_size_bytes(model))
+    protocol = {"n_samples": a.n_samples, "seqlen": a.seqlen, "windows": int(windows.shape[0]),
+                "eval_seqlen": a.eval_seqlen}
+    earlier = load_baselines(a.baselines, a.model, protocol) if a.baselines else {}
+    if ("fp", "fp32") in earlier:
+        add(**earlier[("fp", "fp32")], note=f"from {a.baselines}")
+    else:
+        add("fp", "fp32", perplexity(model, windows=windows)["perplexity"], model_size_bytes(model))
     for cfg in configs:
-        rtn = awq_nb.fake_quantize(copy.deepcopy(model), cfg)
-        add("rtn", cfg.tag, perplexity(rtn, windows=windows)["perplexity"], model_size_bytes(rtn, cfg.w_bit, cfg.group_size))
-        del rtn
+        if ("rtn", cfg.tag) in earlier:
+            add(**earlier[("rtn", cfg.tag)], note=f"from {a.baselines}")
+        else:
+            rtn = awq_nb.fake_quantize(copy.deepcopy(model), cfg)
+            add("rtn", cfg.tag, perplexity(rtn, windows=windows)["perplexity"],
+                model_size_bytes(rtn, cfg.w_bit, cfg.group_size))
+            del rtn
         qsize = model_size_bytes(model, cfg.w_bit, cfg.group_size)
         for rounding in ([] if a.skip_ours else a.rounding.split(",")):
             method = ("awq-nb" if rounding == "rtn" else f"awq-nb+{rounding}") + ("+qprop" if a.propagate == "quantized" else "")
