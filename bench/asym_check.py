@@ -114,9 +114,10 @@ def track(base, spec, inp, result, names, n_blocks, fit, held) -> int:
                     w.copy_(gv.round_linear(v, w, clips.get(name), 4, 64, gr[n], {}, aim, name=name).dequantize())
                 left = [n for n in left if n not in stage]
             gv.forward_(block, hidden, args, kwargs)
+        gv.forward_(fp_blocks[i], hfp, args, kwargs)
+        for model, hidden in paths.values():  # both paths after block i
             rel = [float((hidden[s, 1:] - hfp[s, 1:]).norm() / hfp[s, 1:].norm()) for s in (held, fit)]
             cells.append(f"{rel[0]:.4f} / {rel[1]:.4f}")
-        gv.forward_(fp_blocks[i], hfp, args, kwargs)
         print(f"{i} | " + " | ".join(cells), flush=True)
     return 0
 
