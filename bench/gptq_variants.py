@@ -476,6 +476,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seqlen", type=int, default=FULL.seqlen)
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--eval-seqlen", type=int, default=FULL.eval_seqlen)
+    ap.add_argument("--skip-windows", type=int, default=0,
+                    help="evaluate on windows after the first N (text that no screen has chosen on: the screens use "
+                         "the first 16 or 64)")
     ap.add_argument("--search-only", action="store_true")
     ap.add_argument("--propagate", default="fp", choices=["fp", "quantized"],
                     help="AWQConfig.propagate of the one search (the engine's own quantized propagation, scales and "
@@ -498,9 +501,12 @@ def main(argv=None) -> int:
     result = awq_nb.AWQResult.load(work / "search.safetensors")
     grams = torch.load(work / "grams.pt")
     engine_codes = torch.load(work / "codes.pt")
-    windows = awq_nb.eval_windows(tok, EVAL, seqlen=a.eval_seqlen, max_windows=a.windows)
+    windows = awq_nb.eval_windows(tok, EVAL, seqlen=a.eval_seqlen, max_windows=a.skip_windows + a.windows)[a.skip_windows:]
+    if windows.shape[0] < a.windows:
+        raise SystemExit(f"{EVAL} has {a.skip_windows + windows.shape[0]} windows of {a.eval_seqlen} tokens: "
+                         f"--skip-windows {a.skip_windows} leaves {windows.shape[0]}, fewer than --windows {a.windows}.")
     print(f"# {a.model} w{a.w_bit}g{a.group_size}: calibration {tuple(calib.shape)} from {CALIB}, eval "
-          f"{tuple(windows.shape)} from {EVAL}", flush=True)
+          f"{tuple(windows.shape)} from {EVAL} (after the first {a.skip_windows})", flush=True)
     base = scaled_model(model, result)
     del model
     for text in a.variants.split(","):
