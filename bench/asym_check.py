@@ -102,17 +102,8 @@ def track(base, spec, inp, result, names, n_blocks, fit, held) -> int:
         for t, v in variants.items():
             model, hidden = paths[t]
             block = get_blocks(model, spec)[i]
-            linears = block_linears(block)
-            left = list(linears)
-            while left:  # as gptq_variants.build: one input at a time for "within", else the whole block
-                gr, cr = gv.asym_grams(fp_blocks[i], block, hfp[fit], hidden[fit], args, kwargs, names=left)
-                stage = [n for n in left if gr[n] is gr[left[0]]] if v.propagate == "within" else left
-                for n in stage:
-                    w = weight_nk(linears[n])
-                    aim = gv.asym_target(w, gr[n], cr[n], v.asym) if v.asym is not None else None
-                    name = f"{spec.blocks}.{i}.{n}"
-                    w.copy_(gv.round_linear(v, w, clips.get(name), 4, 64, gr[n], {}, aim, name=name).dequantize())
-                left = [n for n in left if n not in stage]
+            gv.round_block(v, block, fp_blocks[i], hidden[fit], hfp[fit], args, kwargs, clips, f"{spec.blocks}.{i}",
+                           4, 64, {})
             gv.forward_(block, hidden, args, kwargs)
         gv.forward_(fp_blocks[i], hfp, args, kwargs)
         for model, hidden in paths.values():  # both paths after block i

@@ -262,11 +262,9 @@ def group_grid(vals: torch.Tensor, clip, grp: int, bits: int):
     else:
         top = torch.maximum(w_hi, -w_lo) * clip.ratios[:, grp]
         hi, lo = torch.minimum(w_hi, top), torch.maximum(w_lo, -top)
-    hi, lo = torch.minimum(hi, w_hi), torch.maximum(lo, w_lo)  # the clamped weights' own range
-    max_int = 2 ** bits - 1
-    scale = (hi - lo).clamp(min=1e-5) / max_int
-    zero = (-torch.round(lo / scale)).clamp(0, max_int)
-    return scale, zero
+    ends = torch.stack([torch.maximum(lo, w_lo), torch.minimum(hi, w_hi)], 1)  # the clamped weights' own range
+    scale, zero = quant_params(ends, bits, -1, True)  # the grid of a row holding just those two ends
+    return scale[:, 0], zero[:, 0]
 
 
 @torch.no_grad()
@@ -419,6 +417,33 @@ def fp_grams(base, calib: torch.Tensor, first: int) -> dict:
 
 
 @torch.no_grad()
+def round_block(v: Variant, block, fp_block, hidden, hidden_fp, args, kwargs, clips: dict, prefix: str, bits: int,
+                g: int, codes: dict) -> None:
+    """Round every Linear of ``block`` in place by variant ``v`` on the quantized path, its Grams from
+    ``hidden`` (the block's input there; left as it is), one input at a time for ``within``, else all
+    at once; with ``asym``, each target fitted against ``fp_block`` on ``hidden_fp``. The codes go
+    into ``codes`` by Linear name (``prefix.name``)."""
+    linears = block_linears(block)
+    left = list(linears)
+    while left:  # "within": one input at a time, each Gram taken after the Linears before it are rounded
+        aims = {}
+        if v.asym is not None:  # the quantized path's Grams, and the fp targets through the cross terms
+            gr, cross = asym_grams(fp_block, block, hidden_fp, hidden, args, kwargs, names=left)
+        else:
+            gr = block_grams(block, {n: linears[n] for n in left}, hidden, args, kwargs, g)
+        stage = [n for n in left if gr[n] is gr[left[0]]] if v.propagate == "within" else left
+        if v.asym is not None:
+            aims = {n: asym_target(weight_nk(linears[n]), gr[n], cross[n], v.asym) for n in stage}
+        factors = {}
+        for n in stage:
+            name = f"{prefix}.{n}"
+            w = weight_nk(linears[n])
+            codes[name] = round_linear(v, w, clips.get(name), bits, g, gr[n], factors, aims.get(n), name=name)
+            w.copy_(codes[name].dequantize())
+        left = [n for n in left if n not in stage]
+
+
+@torch.no_grad()
 def build(v: Variant, base, result: awq_nb.AWQResult, grams: dict, calib: torch.Tensor, bits: int, g: int):
     """The fake-quantized model of variant ``v`` (``base``: :func:`scaled_model`, not modified) and
     its codes by Linear name."""
@@ -442,24 +467,8 @@ def build(v: Variant, base, result: awq_nb.AWQResult, grams: dict, calib: torch.
     hidden_fp = hidden.clone() if v.asym is not None else None
     fp_blocks = get_blocks(base, spec)
     for i, block in enumerate(get_blocks(model, spec)):
-        linears = block_linears(block)
-        left = list(linears)
-        while left:  # "within": one input at a time, each Gram taken after the Linears before it are rounded
-            aims = {}
-            if v.asym is not None:  # the quantized path's Grams, and the fp targets through the cross terms
-                gr, cross = asym_grams(fp_blocks[i], block, hidden_fp, hidden, inp.args[i], inp.kwargs[i], names=left)
-            else:
-                gr = block_grams(block, {n: linears[n] for n in left}, hidden, inp.args[i], inp.kwargs[i], g)
-            stage = [n for n in left if gr[n] is gr[left[0]]] if v.propagate == "within" else left
-            if v.asym is not None:
-                aims = {n: asym_target(weight_nk(linears[n]), gr[n], cross[n], v.asym) for n in stage}
-            factors = {}
-            for n in stage:
-                name = f"{spec.blocks}.{i}.{n}"
-                w = weight_nk(linears[n])
-                codes[name] = round_linear(v, w, clips.get(name), bits, g, gr[n], factors, aims.get(n), name=name)
-                w.copy_(codes[name].dequantize())
-            left = [n for n in left if n not in stage]
+        round_block(v, block, fp_blocks[i], hidden, hidden_fp, inp.args[i], inp.kwargs[i], clips,
+                    f"{spec.blocks}.{i}", bits, g, codes)
         if v.asym is not None:
             forward_(fp_blocks[i], hidden_fp, inp.args[i], inp.kwargs[i])
         forward_(block, hidden, inp.args[i], inp.kwargs[i])  # the next block's input, through the codes
