@@ -8,8 +8,10 @@ of the 1990+ speeches. What each variant needs is kept in ``--workdir``:
 - ``search.safetensors``: the scales and clips (:class:`awq_nb.AWQResult`);
 - ``grams.pt``: each Linear's Gram matrix of its *scaled* input, over all calibration tokens,
   from the fp block inputs, as the engine handed it to the rounding step;
-- ``codes.pt``: the codes the engine's GPTQ produced; the variant with the engine's settings
-  (``baseline`` for natural order, ``act`` for act-order) must reproduce them (0.00 % differing).
+- ``codes.pt``: the codes the engine's GPTQ produced when the cache was made; the variant with
+  that engine's settings must reproduce them (0.00 % differing): ``act+shrink0.3`` for today's
+  defaults (act-order, shrinkage 0.3, dampening 0.01), ``act+damp0.1`` for those of 2026-12-01 to
+  12-06, ``baseline`` for the first (natural order, dampening 0.01).
 
 ``--propagate quantized`` runs that one search with the engine's own quantized propagation
 (``AWQConfig(propagate="quantized")``: scales and clips searched on the quantized model's inputs);
@@ -152,7 +154,7 @@ def parse_variant(text: str) -> Variant:
     ``option`` only to the Linears whose name contains ``NAME`` (``down.damp0.03``)."""
     if text in ("rtn", "fp"):
         return Variant(text, rounding=text)
-    v = Variant(text, act_order=False, damp=0.01)  # the engine's GPTQ as measured in docs/rounding.md
+    v = Variant(text, act_order=False, damp=0.01)  # the engine's first GPTQ (docs/rounding.md); shrink 0
     for part in ([] if text == "baseline" else text.split("+")):
         head, dot, rest = part.partition(".")
         if dot and head.isalpha() and rest[:1].isalpha():
@@ -223,31 +225,18 @@ def round_linear(v: Variant, w: torch.Tensor, clip, bits: int, g: int, gram, fac
         hi, lo = kept_clip(clip, v.clip_keep)
         apply_clip_(wc, hi, g, lo)
     scale, zero = quant_params(wc, bits, g, True)
-    if v.shrink and gram is not None:
-        gram = shrunk(gram, v.shrink, factors)
     if v.rounding == "rtn":
         q = rtn.round_weight(wc, scale, zero, bits, g)
     elif v.dyn:
         q, scale, zero = dynamic_round(w if aim is None else aim, clip if v.clip else None, bits, g, gram, v.damp,
-                                       v.act_order, factors)
+                                       v.act_order, factors, v.shrink)
     else:
         for r in range(v.rounds):
             q = gptq.round_weight(w if aim is None else aim, scale, zero, bits, g, gram, damp=v.damp,
-                                  act_order=v.act_order, factors=factors)
+                                  act_order=v.act_order, factors=factors, shrink=v.shrink)
             if v.refit is not None and zero is not None:
                 scale = refit_scales(w, q, scale, zero, g, gram, v.refit)
     return from_int_codes(q, scale, zero, bits, g, v.name)
-
-
-def shrunk(gram, x: float, factors: dict):
-    """``gram`` with its diagonal times ``1 + x``, one tensor per Gram (kept in ``factors`` so that
-    Linears sharing a Gram share it, and its factorisation, too)."""
-    key = ("shrink", id(gram), x)
-    if key not in factors:
-        h = as_dense(gram).float().clone()
-        h.diagonal().mul_(1.0 + x)
-        factors[key] = (gram, h)
-    return factors[key][1]
 
 
 def group_grid(vals: torch.Tensor, clip, grp: int, bits: int):
@@ -268,13 +257,13 @@ def group_grid(vals: torch.Tensor, clip, grp: int, bits: int):
 
 
 @torch.no_grad()
-def dynamic_round(w, clip, bits, g, gram, damp, act_order, factors):
+def dynamic_round(w, clip, bits, g, gram, damp, act_order, factors, shrink):
     """GPTQ's column pass (as :func:`awq_nb.rounding.gptq.round_weight`, zero point only) in which each
     group's grid is fixed when the pass reaches the group's first column, from the weights as the
     error feedback has updated them by then (columns keep their natural groups: the "gemm" format).
     Returns ``(codes [N, K], scale [N, K/g], zero [N, K/g])``."""
     n, k = w.shape
-    u, perm = gptq.ordered_factor(gram, damp, act_order, factors)
+    u, perm = gptq.ordered_factor(gram, damp, act_order, factors, shrink)
     order = torch.arange(k) if perm is None else perm
     pos = torch.empty(k, dtype=torch.long).index_copy_(0, order, torch.arange(k))  # column -> place in the pass
     wt = w.float().t()[order].contiguous()

@@ -12,7 +12,7 @@ from awq_nb.errors import AwqNbError
 from awq_nb.packing import unpack_linear
 from awq_nb.quantizer import pseudo_quantize, quant_params
 from awq_nb.rounding import ROUNDERS, Rounder, round_weight
-from awq_nb.rounding.gptq import DAMP, round_weight as gptq_codes
+from awq_nb.rounding.gptq import DAMP, SHRINK, round_weight as gptq_codes
 from awq_nb.wqlinear import WQLinear
 from tiny_models import tiny_model
 
@@ -30,7 +30,7 @@ def _output_error(x, w, wq):
     return float(((x @ (wq - w).T) ** 2).sum())
 
 
-def _obq_reference(w, h, scale, zero, bits, group_size, damp=DAMP, order=None):
+def _obq_reference(w, h, scale, zero, bits, group_size, damp=DAMP, order=None, shrink=SHRINK):
     """GPTQ's greedy pass written the slow, direct way (float64): round column j, spread its error
     over the columns not yet rounded with the inverse Hessian, then remove column j from the
     inverse by a Schur complement. No Cholesky, no blocks, no permuted copies: ``order`` (default
@@ -38,6 +38,7 @@ def _obq_reference(w, h, scale, zero, bits, group_size, damp=DAMP, order=None):
     its own place."""
     w = w.double().clone()
     h = h.double().clone()
+    h.diagonal().mul_(1.0 + shrink)
     h.diagonal()[h.diagonal() <= 0] = 1.0
     h.diagonal().add_(damp * float(h.diagonal().mean()))
     hinv = torch.linalg.inv(h)
@@ -134,6 +135,23 @@ def test_gptq_after_clipping_aims_at_the_unclipped_weight():
     assert _output_error(x, w, aimed.dequantize()) < 0.95 * _output_error(x, w, plain.dequantize())
     with pytest.raises(AwqNbError, match="differ in shape"):
         round_weight("gptq", wc, 3, 32, gram=h, target=w[:, :64])
+
+
+def test_shrinking_the_gram_trades_fit_on_the_calibration_tokens_for_fit_on_new_ones():
+    # With a Gram matrix from barely more tokens than inputs, the sample overstates the inputs'
+    # correlations and GPTQ's error feedback fits them. Raising the diagonal (SHRINK) gives up some
+    # error on the calibration tokens and gains more on tokens it has not seen.
+    w, x = _correlated(n=64, k=128, tokens=160 + 4000, seed=1)
+    seen, new = x[:160], x[160:]
+    h = seen.T @ seen
+    scale, zero = quant_params(w, 4, 32)
+    deq = lambda q: (q.float() - zero.repeat_interleave(32, dim=1)) * scale.repeat_interleave(32, dim=1)  # noqa: E731
+    plain = deq(gptq_codes(w, scale, zero, 4, 32, h, shrink=0.0))
+    shrunk = deq(gptq_codes(w, scale, zero, 4, 32, h))
+    assert SHRINK > 0
+    assert _output_error(seen, w, shrunk) > 1.1 * _output_error(seen, w, plain)
+    assert _output_error(new, w, shrunk) < 0.95 * _output_error(new, w, plain)
+    assert _output_error(new, w, shrunk) < 0.9 * _output_error(new, w, pseudo_quantize(w, 4, 32))
 
 
 def test_gptq_blocks_are_exact_and_uncorrelated_inputs_round_to_nearest():
