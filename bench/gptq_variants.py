@@ -239,6 +239,17 @@ def round_linear(v: Variant, w: torch.Tensor, clip, bits: int, g: int, gram, fac
     return from_int_codes(q, scale, zero, bits, g, v.name)
 
 
+def oas_shrinkage(gram: torch.Tensor, n: int) -> float:
+    """The Oracle Approximating Shrinkage intensity ``rho`` (Chen et al., 2010) for the correlation
+    matrix of ``gram`` (``n`` tokens, taken as i.i.d. Gaussian), towards the identity: the estimate
+    ``(1 - rho) R + rho I``, which is ``R + rho / (1 - rho) I`` up to scale, gptq.SHRINK's form."""
+    d = gram.diagonal().float().clamp_min(1e-12)
+    r = gram.float() / torch.sqrt(d[:, None] * d[None, :])
+    p = r.shape[0]
+    tr2 = float((r * r).sum())  # tr(R^2); tr(R) = p
+    return min(1.0, ((1 - 2 / p) * tr2 + p * p) / ((n + 1 - 2 / p) * (tr2 - p)))
+
+
 def group_grid(vals: torch.Tensor, clip, grp: int, bits: int):
     """Scale and zero ``[N]`` of one group from its current values ``vals [g, N]`` (columns as rows), the
     clip search's ratios for that group applied to their range as the search applied them to the
@@ -484,6 +495,9 @@ def main(argv=None) -> int:
     ap.add_argument("--alpha-shift", type=float, default=0.0,
                     help="the one search: each scale search's RTN-chosen alpha lowered by this much (GPTQ prefers "
                          "smaller alphas: bench/rounding_choice.py)")
+    ap.add_argument("--oas", action="store_true",
+                    help="print, for the cached Gram matrices of blocks 0, 10, 20 and 29, the shrinkage the OAS "
+                         "estimator (i.i.d. Gaussian tokens) would choose, in gptq.SHRINK's form, and stop")
     ap.add_argument("--variants", default="rtn,baseline")
     ap.add_argument("--json", default=None, help="append each row here (JSON lines)")
     a = ap.parse_args(argv)
@@ -498,6 +512,12 @@ def main(argv=None) -> int:
         return 0
     result = awq_nb.AWQResult.load(work / "search.safetensors")
     grams = torch.load(work / "grams.pt")
+    if a.oas:
+        for name, gram in grams.items():
+            if any(f".layers.{i}." in name for i in (0, 10, 20, 29)):
+                rho = oas_shrinkage(as_dense(gram), calib.numel())
+                print(f"{name:40s} inputs {gram.shape[0]:5d}  OAS rho {rho:.4f}  as SHRINK {rho / (1 - rho):.4f}")
+        return 0
     engine_codes = torch.load(work / "codes.pt")
     windows = awq_nb.eval_windows(tok, EVAL, seqlen=a.eval_seqlen, max_windows=a.skip_windows + a.windows)[a.skip_windows:]
     if windows.shape[0] < a.windows:

@@ -138,9 +138,9 @@ def test_gptq_after_clipping_aims_at_the_unclipped_weight():
 
 
 def test_shrinking_the_gram_trades_fit_on_the_calibration_tokens_for_fit_on_new_ones():
-    # With a Gram matrix from barely more tokens than inputs, the sample overstates the inputs'
-    # correlations and GPTQ's error feedback fits them. Raising the diagonal (SHRINK) gives up some
-    # error on the calibration tokens and gains more on tokens it has not seen.
+    # When the Gram matrix's correlations carry over only in part to new tokens (here: a sample of
+    # barely more tokens than inputs), GPTQ's error feedback fits the calibration tokens. Raising
+    # the diagonal (SHRINK) gives up some error on them and gains more on tokens it has not seen.
     w, x = _correlated(n=64, k=128, tokens=160 + 4000, seed=1)
     seen, new = x[:160], x[160:]
     h = seen.T @ seen

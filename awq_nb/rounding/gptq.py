@@ -20,12 +20,15 @@ Choices (docs/rounding.md has the measurements behind them):
   with no permutation index (``g_idx``) to ship. ``act_order=False``: natural order.
 - **Shrinkage, then dampening**: ``H`` is replaced by ``H + shrink * diag(H) + lambda I`` with
   ``lambda = damp * mean(diag H')`` (``H'`` the shrunk matrix). ``shrink`` (default :data:`SHRINK` =
-  0.3) pulls the input correlations towards zero, as covariance estimators do when the sample is
-  small: a Gram matrix from a few thousand calibration tokens overstates them, and GPTQ's error
-  feedback then fits the calibration text instead of new text. ``damp`` (default :data:`DAMP` =
-  0.01, GPTQ's own) is the small ridge that keeps the factorisation stable; if it still fails it
-  is retried with 10x more, up to 100 %. Both were chosen on perplexity, and checked on text no
-  choice was made on (docs/rounding.md, "Shrinking the Gram matrix").
+  0.3) pulls the input correlations towards zero, as covariance estimators do: the correlations
+  measured on the calibration text carry over only in part to other text, and GPTQ's error
+  feedback, which relies on them, otherwise fits the calibration text at the expense of new text.
+  (The shrinkage an i.i.d. sampling model would call for, 0.0005-0.04 by the OAS estimate on
+  SmolLM2, is far smaller: tokens within a sequence are not independent, and the text shifts.) ``damp``
+  (default :data:`DAMP` = 0.01, GPTQ's own) is the small ridge that keeps the factorisation
+  stable; if it still fails it is retried with 10x more, up to 100 %. Both were chosen on
+  perplexity and checked on text no choice was made on (docs/rounding.md, "Shrinking the Gram
+  matrix").
 - **fp32 throughout.** Input channels that never fire (``H_jj = 0``) get ``H_jj = 1``: their
   column rounds to nearest and pushes nothing.
 - **One factorisation per Gram matrix**: Linears that read the same input (q/k/v, gate/up) share
