@@ -36,6 +36,9 @@ A variant is ``+``-joined options:
 - ``dampX``: dampening ``X * mean(diag H)``;
 - ``shrinkX``: the Gram's diagonal raised by ``X`` times itself before the dampening;
 - ``firstN``: Grams over positions ``N..`` of each sequence (``first1``: without position 0);
+- ``cv``: each Linear's shrink chosen among :data:`CV_SHRINKS` by 2-fold cross-validation over the
+  calibration sequences (GPTQ fitted on one half's Gram, its output error measured on the other's,
+  both ways), no evaluation text involved; the codes then come from the full Gram with that shrink;
 - ``noclip``: the grid of the scaled weight's own range, the clip search's choice ignored;
 - ``clipkeepX``: each clip ratio ``r`` pulled to ``1 - X * (1 - r)`` (``clipkeep0.5`` is ``(1 + r) / 2``);
 - ``qprop`` / ``within``: propagation (above);
@@ -145,6 +148,8 @@ class Variant:
                                 # (shrinks the input correlations towards 0, as covariance estimators do)
     first: int = 0              # the Gram matrices over positions first.. of each sequence (1: no position 0)
     overrides: tuple = ()       # (NAME, option): the option for the Linears whose name contains NAME
+    cv: bool = False            # each Linear's shrink chosen from CV_SHRINKS by 2-fold cross-validation on the
+                                # calibration sequences (fit on one half's Gram, output error on the other's)
     dyn: bool = False           # each group's grid taken when the pass reaches its first column, from the
                                 # weights as updated so far (the clip search's ratios applied to their range)
 
@@ -179,6 +184,8 @@ def apply_part(v: Variant, part: str, text: str) -> Variant:
         return replace(v, refit=float(part[5:] or v.damp))
     if part.startswith("asym"):
         return replace(v, asym=float(part[4:] or v.damp), propagate="within" if v.propagate == "within" else "quantized")
+    if part == "cv":
+        return replace(v, cv=True)
     if part.startswith("shrink"):
         return replace(v, shrink=float(part[6:]))
     if part == "dyn":
@@ -190,7 +197,7 @@ def apply_part(v: Variant, part: str, text: str) -> Variant:
     if part in ("qprop", "within"):
         return replace(v, propagate="within" if part == "within" else v.propagate if v.asym is not None else "quantized")
     raise SystemExit(f"unknown variant part {part!r} in {text!r}: act, dampX, noclip, clipkeepX, qprop, within, "
-                     "refitX, iterN, asymX, shrinkX, dyn, NAME.option")
+                     "refitX, iterN, asymX, shrinkX, cv, dyn, NAME.option")
 
 
 def for_linear(v: Variant, name: str) -> Variant:
@@ -216,7 +223,7 @@ def kept_clip(clip, keep: float):
 
 
 def round_linear(v: Variant, w: torch.Tensor, clip, bits: int, g: int, gram, factors: dict, aim=None,
-                 name: str = ""):
+                 name: str = "", folds=None):
     """The codes of one Linear (a Rounded): ``w`` (scaled, unclipped) on the grid of its clipped
     version (``clip``: its ClipRecord or None), rounded by variant ``v`` (with its options for ``name``)."""
     v = for_linear(v, name)
@@ -225,6 +232,9 @@ def round_linear(v: Variant, w: torch.Tensor, clip, bits: int, g: int, gram, fac
         hi, lo = kept_clip(clip, v.clip_keep)
         apply_clip_(wc, hi, g, lo)
     scale, zero = quant_params(wc, bits, g, True)
+    if v.cv:
+        v = replace(v, shrink=cv_shrink(w if aim is None else aim, scale, zero, bits, g, folds, v))
+        CV_CHOSEN[name] = v.shrink
     if v.rounding == "rtn":
         q = rtn.round_weight(wc, scale, zero, bits, g)
     elif v.dyn:
@@ -237,6 +247,48 @@ def round_linear(v: Variant, w: torch.Tensor, clip, bits: int, g: int, gram, fac
             if v.refit is not None and zero is not None:
                 scale = refit_scales(w, q, scale, zero, g, gram, v.refit)
     return from_int_codes(q, scale, zero, bits, g, v.name)
+
+
+CV_SHRINKS = (0.0, 0.1, 0.3, 1.0, 3.0)
+CV_CHOSEN: dict[str, float] = {}  # the last ``cv`` variant's choice, by Linear name
+
+
+def cv_shrink(aim, scale, zero, bits: int, g: int, folds, v: Variant) -> float:
+    """The shrink among :data:`CV_SHRINKS` whose GPTQ codes, fitted on one fold's Gram, give the least
+    output error ``tr(E H E^T)`` (``E`` the dequantized codes minus ``aim``) on the other fold's, summed
+    over both directions."""
+    zs = zero.float().repeat_interleave(g, dim=1)
+    ss = scale.float().repeat_interleave(g, dim=1)
+    errs = []
+    for shrink in CV_SHRINKS:
+        total = 0.0
+        for fit, test in ((0, 1), (1, 0)):
+            q = gptq.round_weight(aim, scale, zero, bits, g, folds[fit], damp=v.damp, act_order=v.act_order,
+                                  shrink=shrink)
+            e = (q.float() - zs) * ss - aim.float()
+            total += float(((e @ as_dense(folds[test]).float()) * e).sum())
+        errs.append(total)
+    return CV_SHRINKS[min(range(len(errs)), key=errs.__getitem__)]
+
+
+_FOLD_GRAMS: dict = {}
+
+
+@torch.no_grad()
+def fold_grams(base, calib: torch.Tensor, g: int) -> dict:
+    """Each Linear's input Gram on the fp path (``base``: the scaled model) over each half of the
+    calibration sequences, as ``[first half's, second half's]``; kept for the next variant."""
+    if not _FOLD_GRAMS:
+        spec = get_spec(base)
+        inp = capture_inputs(base, spec, calib, torch.device("cpu"))
+        half = inp.hidden.shape[0] // 2
+        for i, block in enumerate(get_blocks(base, spec)):
+            linears = block_linears(block)
+            per = [block_grams(block, linears, part, inp.args[i], inp.kwargs[i], g)
+                   for part in (inp.hidden[:half], inp.hidden[half:])]
+            _FOLD_GRAMS.update({f"{spec.blocks}.{i}.{n}": [p[n] for p in per] for n in linears})
+            forward_(block, inp.hidden, inp.args[i], inp.kwargs[i])
+    return _FOLD_GRAMS
 
 
 def oas_shrinkage(gram: torch.Tensor, n: int) -> float:
@@ -453,13 +505,22 @@ def build(v: Variant, base, result: awq_nb.AWQResult, grams: dict, calib: torch.
     factors: dict = {}
     if v.first and v.propagate == "fp":
         grams = fp_grams(base, calib, v.first)
+    if v.cv and v.propagate != "fp":
+        raise SystemExit(f"{v.name}: cv chooses the shrink on the fp path's Grams; drop qprop/within/asym")
+    folds = fold_grams(base, calib, g) if v.cv else {}
+    CV_CHOSEN.clear()
     if v.propagate == "fp" or v.rounding == "rtn":
         for i, block in enumerate(get_blocks(model)):
             for n, m in block_linears(block).items():
                 name = f"{get_spec(model).blocks}.{i}.{n}"
                 w = weight_nk(m)
-                codes[name] = round_linear(v, w, clips.get(name), bits, g, grams.get(name), factors, name=name)
+                codes[name] = round_linear(v, w, clips.get(name), bits, g, grams.get(name), factors, name=name,
+                                           folds=folds.get(name))
                 w.copy_(codes[name].dequantize())
+        if CV_CHOSEN:
+            for kind in sorted({n.rsplit(".", 1)[1] for n in CV_CHOSEN}):
+                picks = [x for n, x in CV_CHOSEN.items() if n.endswith("." + kind)]
+                print(f"# cv: {kind:10s} shrink chosen " + " ".join(f"{c}:{picks.count(c)}" for c in CV_SHRINKS))
         return model, codes
     spec = get_spec(model)
     inp = capture_inputs(model, spec, calib, torch.device("cpu"))
