@@ -80,7 +80,7 @@ from awq_nb.capture import capture_inputs, first_tensor  # noqa: E402
 from awq_nb.evaluate import perplexity  # noqa: E402
 from awq_nb.quantizer import quant_params  # noqa: E402
 from awq_nb.rounding import from_int_codes, gptq, rtn  # noqa: E402
-from awq_nb.search import apply_clip_, as_dense, candidate_scales, weight_mean  # noqa: E402
+from awq_nb.search import RowGram, apply_clip_, as_dense, candidate_scales, weight_mean  # noqa: E402
 from awq_nb.settings import FULL  # noqa: E402
 from awq_nb.trace import trace_block  # noqa: E402
 
@@ -88,8 +88,10 @@ CALIB = "sotu:1900-1989"
 EVAL = "sotu:1990-"
 
 
-def run_search(model, calib: torch.Tensor, config: awq_nb.AWQConfig, work: Path, alpha_shift: float = 0.0) -> None:
-    """The one AWQ search; writes search.safetensors, grams.pt and codes.pt into ``work``."""
+def run_search(model, calib: torch.Tensor, config: awq_nb.AWQConfig, work: Path, alpha_shift: float = 0.0,
+               clip_shrink: float = 0.0) -> None:
+    """The one AWQ search; writes search.safetensors, grams.pt and codes.pt into ``work``. ``clip_shrink``:
+    the clip search scores its candidates with ``H + clip_shrink diag(H)`` (a copy; GPTQ still gets ``H``)."""
     grams: dict[str, torch.Tensor] = {}
     real = engine._search_block
 
@@ -102,6 +104,14 @@ def run_search(model, calib: torch.Tensor, config: awq_nb.AWQConfig, work: Path,
 
     engine._search_block = keep_grams
     real_scales = engine.search_scales
+    real_clip = engine.search_clip
+    if clip_shrink:
+        def shrunk_clip(w, sigma, *args, **kw):
+            dense = isinstance(sigma, RowGram) or sigma.dim() == 2
+            sigma = as_dense(sigma).float().clone() if dense else sigma.float().clone()
+            sigma.diagonal(dim1=-2, dim2=-1).mul_(1.0 + clip_shrink)
+            return real_clip(w, sigma, *args, **kw)
+        engine.search_clip = shrunk_clip
     if alpha_shift:
         def shifted(x_mean, weights, loss_fn, bits, group_size, zero_point, n_grid, duo=False, **kw):
             """The RTN-scored search, then its alpha lowered by ``alpha_shift`` (not below 0)."""
@@ -120,12 +130,13 @@ def run_search(model, calib: torch.Tensor, config: awq_nb.AWQConfig, work: Path,
     finally:
         engine._search_block = real
         engine.search_scales = real_scales
+        engine.search_clip = real_clip
     result.save(work / "search.safetensors")
     torch.save(grams, work / "grams.pt")
     torch.save({n: r.codes for n, r in result.rounded.items()}, work / "codes.pt")
     (work / "search.json").write_text(json.dumps({"seconds": seconds, "config": config.to_dict(),
                                                       "gptq": {"act_order": gptq.ACT_ORDER, "damp": gptq.DAMP},
-                                                      "alpha_shift": alpha_shift}))
+                                                      "alpha_shift": alpha_shift, "clip_shrink": clip_shrink}))
     print(f"# search: {seconds:.0f} s, {len(grams)} Gram matrices kept", flush=True)
 
 
@@ -556,6 +567,9 @@ def main(argv=None) -> int:
     ap.add_argument("--alpha-shift", type=float, default=0.0,
                     help="the one search: each scale search's RTN-chosen alpha lowered by this much (GPTQ prefers "
                          "smaller alphas: bench/rounding_choice.py)")
+    ap.add_argument("--clip-shrink", type=float, default=0.0,
+                    help="the one search: the clip search scores candidates with H + X diag(H) (its cross-group "
+                         "sweeps fit the calibration text's correlations too)")
     ap.add_argument("--oas", action="store_true",
                     help="print, for the cached Gram matrices of blocks 0, 10, 20 and 29, the shrinkage the OAS "
                          "estimator (i.i.d. Gaussian tokens) would choose, in gptq.SHRINK's form, and stop")
@@ -568,7 +582,7 @@ def main(argv=None) -> int:
     calib = awq_nb.calibration_blocks(tok, CALIB, n_samples=a.n_samples, seqlen=a.seqlen, seed=FULL.seed)
     config = awq_nb.AWQConfig(w_bit=a.w_bit, group_size=a.group_size, rounding="gptq", propagate=a.propagate)
     if not (work / "grams.pt").exists():
-        run_search(model, calib, config, work, a.alpha_shift)
+        run_search(model, calib, config, work, a.alpha_shift, a.clip_shrink)
     if a.search_only:
         return 0
     result = awq_nb.AWQResult.load(work / "search.safetensors")
