@@ -3,8 +3,8 @@
 The weight ``W [N, K]`` is rounded one input column at a time. Rounding column ``j`` leaves an
 error ``e = (w_j - q_j) / U_jj`` per output row; it is pushed onto the columns not yet rounded as
 ``W[:, later] -= e U[j, later]``, where ``U`` is the upper Cholesky factor of ``H^-1`` and
-``H = X^T X + lambda I`` the dampened Gram matrix of the layer's input, both taken in the order
-the columns are visited. This minimises, column by column, the output error
+``H = X^T X + shrink diag(X^T X) + lambda I`` the shrunk and dampened Gram matrix of the layer's
+input (below), both taken in the order the columns are visited. This minimises, column by column, the output error
 ``||X (W - Q)^T||^2`` that plain rounding ignores. Updates are applied lazily: within a block of
 :data:`BLOCK` columns directly, to the columns after it by one matrix product.
 
