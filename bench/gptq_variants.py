@@ -268,16 +268,15 @@ def cv_shrink(aim, scale, zero, bits: int, g: int, folds, v: Variant) -> float:
     """The shrink among :data:`CV_SHRINKS` whose GPTQ codes, fitted on one fold's Gram, give the least
     output error ``tr(E H E^T)`` (``E`` the dequantized codes minus ``aim``) on the other fold's, summed
     over both directions."""
-    zs = zero.float().repeat_interleave(g, dim=1)
-    ss = scale.float().repeat_interleave(g, dim=1)
+    tests = [as_dense(f).float() for f in folds]
     errs = []
     for shrink in CV_SHRINKS:
         total = 0.0
         for fit, test in ((0, 1), (1, 0)):
             q = gptq.round_weight(aim, scale, zero, bits, g, folds[fit], damp=v.damp, act_order=v.act_order,
                                   shrink=shrink)
-            e = (q.float() - zs) * ss - aim.float()
-            total += float(((e @ as_dense(folds[test]).float()) * e).sum())
+            e = from_int_codes(q, scale, zero, bits, g, "gptq").dequantize() - aim.float()
+            total += float(((e @ tests[test]) * e).sum())
         errs.append(total)
     return CV_SHRINKS[min(range(len(errs)), key=errs.__getitem__)]
 

@@ -171,7 +171,8 @@ def main(argv=None) -> int:
         secs = "" if r["seconds"] is None else f"{r['seconds']:.0f}"
         peak = "" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 1e9:.2f}"
         ratio = "" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / fp_bytes:.2f}x"
-        print(f"| {r['method']} | {r['config']} | {r['perplexity']:.3f} | {gap} | {r['size_bytes'] / 1e6:.1f} | {secs} | {peak} | {ratio} |")
+        size = "" if r["size_bytes"] is None else f"{r['size_bytes'] / 1e6:.1f}"
+        print(f"| {r['method']} | {r['config']} | {r['perplexity']:.3f} | {gap} | {size} | {secs} | {peak} | {ratio} |")
     for cfg in configs:
         mine = [r for r in rows if r["method"].startswith("awq-nb") and r["config"] == cfg.tag]
         peers = [r for r in rows if r["method"] in PEERS and r["config"] == cfg.tag]

@@ -11,7 +11,7 @@ from awq_nb.checkpoint import load_quantized, save_quantized
 from awq_nb.errors import AwqNbError
 from awq_nb.packing import unpack_linear
 from awq_nb.quantizer import pseudo_quantize, quant_params
-from awq_nb.rounding import ROUNDERS, Rounder, round_weight
+from awq_nb.rounding import ROUNDERS, Rounder, from_int_codes, round_weight
 from awq_nb.rounding.gptq import DAMP, SHRINK, round_weight as gptq_codes
 from awq_nb.wqlinear import WQLinear
 from tiny_models import tiny_model
@@ -145,9 +145,8 @@ def test_shrinking_the_gram_trades_fit_on_the_calibration_tokens_for_fit_on_new_
     seen, new = x[:160], x[160:]
     h = seen.T @ seen
     scale, zero = quant_params(w, 4, 32)
-    deq = lambda q: (q.float() - zero.repeat_interleave(32, dim=1)) * scale.repeat_interleave(32, dim=1)  # noqa: E731
-    plain = deq(gptq_codes(w, scale, zero, 4, 32, h, shrink=0.0))
-    shrunk = deq(gptq_codes(w, scale, zero, 4, 32, h))
+    plain = from_int_codes(gptq_codes(w, scale, zero, 4, 32, h, shrink=0.0), scale, zero, 4, 32, "gptq").dequantize()
+    shrunk = from_int_codes(gptq_codes(w, scale, zero, 4, 32, h), scale, zero, 4, 32, "gptq").dequantize()
     assert SHRINK > 0
     assert _output_error(seen, w, shrunk) > 1.1 * _output_error(seen, w, plain)
     assert _output_error(new, w, shrunk) < 0.95 * _output_error(new, w, plain)
