@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         s, z = quant_params(w, 4, 64, True)
 
         def rounded(aim):
-            q = gptq.round_weight(aim, s, z, 4, 64, gr[n], damp=0.1, act_order=True, shrink=0.0)
+            q = gptq.round_weight(aim, s, z, 4, 64, gr[n], damp=0.1, act_order=True, shrink=0.0, descent=0)
             return from_int_codes(q, s, z, 4, 64, "gptq").dequantize()
         cells = [err(w, w, n), err(w, rounded(w), n)]
         for lam in (0.1, 1.0, 10.0):

@@ -47,6 +47,8 @@ A variant is ``+``-joined options:
 - ``refitX``: after the column pass, each row's group scales refitted to the codes by least squares
   on the output error, zeros kept, dampening ``X`` (default the variant's);
 - ``iterN``: ``N`` column passes, each on the previous refit's grid;
+- ``cdN``: after the column pass, ``N`` sweeps of coordinate descent on the same objective (each
+  column set to the grid point nearest its optimum with the others fixed, as QuantEase does);
 - ``asymX``: GPTQ aims at ``W (C + lambda I) (H~ + lambda I)^-1``, the weight that best reproduces
   the fp model's output from the quantized model's inputs (``C = X^T X~``, ``lambda = X *
   mean(diag H~)``). Implies ``qprop``; use it with ``within``, so that each target is fitted after
@@ -163,6 +165,7 @@ class Variant:
                                 # calibration sequences (fit on one half's Gram, output error on the other's)
     dyn: bool = False           # each group's grid taken when the pass reaches its first column, from the
                                 # weights as updated so far (the clip search's ratios applied to their range)
+    cd: int = 0                 # passes of coordinate descent on the codes after the column pass
 
 
 def parse_variant(text: str) -> Variant:
@@ -203,12 +206,14 @@ def apply_part(v: Variant, part: str, text: str) -> Variant:
         return replace(v, dyn=True)
     if part.startswith("first"):
         return replace(v, first=int(part[5:]))
+    if part.startswith("cd"):
+        return replace(v, cd=int(part[2:] or 1))
     if part.startswith("iter"):
         return replace(v, rounds=int(part[4:]))
     if part in ("qprop", "within"):
         return replace(v, propagate="within" if part == "within" else v.propagate if v.asym is not None else "quantized")
     raise SystemExit(f"unknown variant part {part!r} in {text!r}: act, dampX, noclip, clipkeepX, qprop, within, "
-                     "refitX, iterN, asymX, shrinkX, cv, dyn, NAME.option")
+                     "refitX, iterN, cdN, asymX, shrinkX, cv, dyn, NAME.option")
 
 
 def for_linear(v: Variant, name: str) -> Variant:
@@ -254,7 +259,7 @@ def round_linear(v: Variant, w: torch.Tensor, clip, bits: int, g: int, gram, fac
     else:
         for r in range(v.rounds):
             q = gptq.round_weight(w if aim is None else aim, scale, zero, bits, g, gram, damp=v.damp,
-                                  act_order=v.act_order, factors=factors, shrink=v.shrink)
+                                  act_order=v.act_order, factors=factors, shrink=v.shrink, descent=v.cd)
             if v.refit is not None and zero is not None:
                 scale = refit_scales(w, q, scale, zero, g, gram, v.refit)
     return from_int_codes(q, scale, zero, bits, g, v.name)
@@ -274,7 +279,7 @@ def cv_shrink(aim, scale, zero, bits: int, g: int, folds, v: Variant) -> float:
         total = 0.0
         for fit, test in ((0, 1), (1, 0)):
             q = gptq.round_weight(aim, scale, zero, bits, g, folds[fit], damp=v.damp, act_order=v.act_order,
-                                  shrink=shrink)
+                                  shrink=shrink, descent=v.cd)
             e = from_int_codes(q, scale, zero, bits, g, "gptq").dequantize() - aim.float()
             total += float(((e @ tests[test]) * e).sum())
         errs.append(total)
