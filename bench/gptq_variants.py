@@ -9,9 +9,10 @@ of the 1990+ speeches. What each variant needs is kept in ``--workdir``:
 - ``grams.pt``: each Linear's Gram matrix of its *scaled* input, over all calibration tokens,
   from the fp block inputs, as the engine handed it to the rounding step;
 - ``codes.pt``: the codes the engine's GPTQ produced when the cache was made; the variant with
-  that engine's settings must reproduce them (0.00 % differing): ``act+shrink0.3`` for today's
-  defaults (act-order, shrinkage 0.3, dampening 0.01), ``act+damp0.1`` for those of 2026-12-01 to
-  12-06, ``baseline`` for the first (natural order, dampening 0.01).
+  that engine's settings must reproduce them (0.00 % differing): ``act+shrink0.3+cd5`` for today's
+  defaults (act-order, shrinkage 0.3, dampening 0.01, 5 sweeps of coordinate descent; since
+  2026-12-07), ``act+shrink0.3`` for those of 2026-12-07 before that, ``act+damp0.1`` for those
+  of 2026-12-01 to 12-06, ``baseline`` for the first (natural order, dampening 0.01).
 
 ``--propagate quantized`` runs that one search with the engine's own quantized propagation
 (``AWQConfig(propagate="quantized")``: scales and clips searched on the quantized model's inputs);
