@@ -88,6 +88,14 @@ def column_order(gram: torch.Tensor, act_order: bool) -> torch.Tensor | None:
     return torch.sort(gram.diagonal(), descending=True, stable=True).indices
 
 
+def in_order(dense: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """The Gram matrix ``dense [K, K]`` with its rows and columns in the order ``perm`` (None: as it is)."""
+    if perm is None:
+        return dense
+    perm = perm.to(dense.device)
+    return dense[perm][:, perm]
+
+
 def ordered_factor(gram: torch.Tensor | RowGram, damp: float, act_order: bool,
                    factors: dict | None = None, shrink: float = SHRINK) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(U, perm)``: the column order (:func:`column_order`) and :func:`inverse_factor` of the
@@ -99,7 +107,7 @@ def ordered_factor(gram: torch.Tensor | RowGram, damp: float, act_order: bool,
         return factors[key][1:]
     dense = as_dense(gram)  # a RowGram (the trace's form for a small budget) is multiplied out here, once
     perm = column_order(dense, act_order)
-    u = inverse_factor(dense if perm is None else dense[perm][:, perm], damp, shrink)
+    u = inverse_factor(in_order(dense, perm), damp, shrink)
     del dense
     if factors is not None:
         factors[key] = (gram, u, perm)  # holding ``gram`` keeps its id from being reused
@@ -153,10 +161,8 @@ def round_weight(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None
         if i2 < k:
             wt[i2:].addmm_(u[i1:i2, i2:].t(), err, alpha=-1)
     del wt
-    if descent:
-        dense = as_dense(gram).to(w.device)
-        h = conditioned(dense if perm is None else dense[perm][:, perm], damp, shrink)
-        del dense
+    if descent:  # the conditioned matrix is rebuilt, not kept in ``factors``: one K x K less held per Gram
+        h = conditioned(in_order(as_dense(gram), perm).to(w.device), damp, shrink)
         q = descend(aim, q, s_rows, z_rows, lo, hi, h, descent, block)
     if perm is not None:  # back to the columns' own places
         q = torch.empty_like(q).index_copy_(0, perm, q)
@@ -181,10 +187,11 @@ def descend(aim: torch.Tensor, q: torch.Tensor, s_rows: torch.Tensor, z_rows: to
     # a gradient row over H_cc, divided by the scale, is the step in codes: 1 / (H_cc s)
     step = s_rows.reciprocal().mul_(h.diagonal().reciprocal().unsqueeze(1))
     rows_q, rows_g, rows_step, rows_s = qf.unbind(0), grad.unbind(0), step.unbind(0), s_rows.unbind(0)
+    changes = torch.empty(min(block, k), n, device=aim.device)  # each column's change in Q, per block
     for _ in range(sweeps):
         for i1 in range(0, k, block):
             i2 = min(i1 + block, k)
-            delta = torch.empty(i2 - i1, n, device=aim.device)  # each column's change in Q
+            delta = changes[:i2 - i1]
             rows_d, grad_block = delta.unbind(0), grad[i1:i2]
             for j in range(i2 - i1):
                 c = i1 + j
